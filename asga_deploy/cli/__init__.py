@@ -1,0 +1,25 @@
+"""The `asga` command line: thin commands that parse options, call a run_*() function, print a summary.
+
+Each command group lives in its own module and registers itself on `app`.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(name="asga", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Search, fine-tune and export mixed-precision quantized CNNs (ASGA).")
+
+from . import policy_cmd  # noqa: E402,F401  (registers commands)
+
+for _mod in ("train_cmd", "search_cmd", "finetune_cmd", "export_cmd", "demo_cmd"):
+    try:  # command groups land one by one; a missing module simply registers nothing
+        __import__(f"{__name__}.{_mod}")
+    except ModuleNotFoundError as _e:
+        if _e.name != f"{__name__}.{_mod}":
+            raise
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,89 @@
+"""Per-layer MACs and parameter counts from a real forward pass; BitOPs and weight bytes of a policy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Cost facts of one Conv2d/Linear at an input shape; `input_signed` is False after a ReLU."""
+
+    name: str
+    kind: str  # "conv" | "linear"
+    macs: int
+    params: int  # weight elements (bias excluded: it stays 32-bit in every backend)
+    input_signed: bool
+
+    def bitops(self, weight_bits: int, act_bits: int) -> int:
+        """Return MACs * b_w * b_a."""
+        return self.macs * weight_bits * act_bits
+
+    def weight_bytes(self, weight_bits: int) -> float:
+        """Return the weight storage at weight_bits bits per element."""
+        return self.params * weight_bits / 8
+
+
+def _conv_macs(m: nn.Conv2d, out: torch.Tensor) -> int:
+    kh, kw = m.kernel_size
+    per_output = (m.in_channels // m.groups) * kh * kw  # grouped / depthwise: only in_c/groups inputs
+    return int(out.shape[1] * out.shape[2] * out.shape[3] * per_output)
+
+
+@torch.no_grad()
+def layer_costs(model: nn.Module, input_shape: Iterable[int], example: torch.Tensor | None = None
+                ) -> dict[str, LayerCost]:
+    """Return {layer name: LayerCost} for every Conv2d/Linear, by hooks on one forward at input_shape.
+
+    `input_shape` is (C, H, W) without the batch. Whether a layer's input is signed is read from the
+    forward: with `example` (real data) if given, else from a seeded random normal input.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    x = example if example is not None else torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
+    costs: dict[str, LayerCost] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(m, inp, out):
+            signed = bool((inp[0] < 0).any())
+            if isinstance(m, nn.Conv2d):
+                costs[name] = LayerCost(name, "conv", _conv_macs(m, out), m.weight.numel(), signed)
+            else:
+                tokens = out[0].numel() // m.out_features  # Linear on (N, ..., F)
+                costs[name] = LayerCost(name, "linear", int(tokens * m.in_features * m.out_features),
+                                        m.weight.numel(), signed)
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x.to(next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    # module order (a forward may visit layers in another order)
+    order = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return {n: costs[n] for n in order if n in costs}
+
+
+def bitops(bits: Mapping[str, tuple[int, int]], costs: Mapping[str, LayerCost]) -> int:
+    """Return sum of MACs * b_w * b_a over the layers in bits ({name: (weight_bits, act_bits)})."""
+    return sum(costs[n].bitops(w, a) for n, (w, a) in bits.items())
+
+
+def weight_bytes(bits: Mapping[str, tuple[int, int]], costs: Mapping[str, LayerCost]) -> float:
+    """Return the weight storage in bytes of the layers in bits."""
+    return sum(costs[n].weight_bytes(w) for n, (w, _) in bits.items())
+
+
+def w8a8_bitops(names: Iterable[str], costs: Mapping[str, LayerCost]) -> int:
+    """Return the BitOPs of the given layers at W8A8: the reference of every BitOPs ratio."""
+    return sum(costs[n].bitops(8, 8) for n in names)

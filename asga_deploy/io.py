@@ -1,0 +1,151 @@
+"""Atomic file writes, checkpoint loading, provenance."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, OutputExistsError
+
+
+def check_writable(path: str | Path, force: bool) -> Path:
+    """Return the path; raise OutputExistsError if it exists and force is false."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes to path through a temporary file and a rename; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write text atomically; return the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON (indented, sorted insertion order) atomically; return the path."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any):
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file, then rename; return the path."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
+    """Load a checkpoint dict with weights_only=True; check its 'kind' if given."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, unsupported globals
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable asga checkpoint: {first[:200]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
+        raise CheckpointError(f"{path} is not an asga checkpoint (no 'kind'/'model' entries)")
+    if kind is not None and ckpt["kind"] not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise CheckpointError(f"{path} is a '{ckpt['kind']}' checkpoint, expected '{kind}'")
+    return ckpt
+
+
+def git_commit() -> str | None:
+    """Return the short git commit of the source tree, or None outside a checkout."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def machine_info() -> dict:
+    """Return CPU, core count and GPU name (None without CUDA)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "platform": platform.platform()}
+
+
+def versions() -> dict:
+    """Return the versions of python and the libraries that matter (None where absent)."""
+    import importlib
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "torchvision", "onnx", "onnxruntime", "tensorrt", "numpy"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:
+            out[name] = None
+    from . import __version__
+
+    out["asga_deploy"] = __version__
+    return out
+
+
+def provenance(command: str | None = None, **extra: Any) -> dict:
+    """Return the provenance record written into every artifact."""
+    import torch
+
+    from . import __version__
+
+    rec = {
+        "command": command if command is not None else " ".join(sys.argv),
+        "asga_version": __version__,
+        "git_commit": git_commit(),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch_version": torch.__version__,
+    }
+    rec.update(extra)
+    return rec

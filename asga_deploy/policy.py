@@ -1,0 +1,218 @@
+"""Policy files: the only reader and writer of `policies/*.json` (format in policies/README.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .cost import LayerCost, bitops, layer_costs, w8a8_bitops, weight_bytes
+from .errors import PolicyError
+from .io import atomic_write_json, check_writable
+from .targets import BITS_RANGE, TARGETS
+
+SCHEMA = "asga-policy/1"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """Bit-widths of one quantized layer: weights, input activation, and the activation's sign."""
+
+    weight_bits: int
+    act_bits: int
+    act_signed: bool
+
+    def to_dict(self) -> dict:
+        """Return the JSON form."""
+        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "act_signed": self.act_signed}
+
+
+@dataclass
+class Policy:
+    """A per-layer bit-width assignment for one model and one backend target."""
+
+    model: str
+    target: str
+    layers: dict[str, LayerBits]
+    float_layers: list[str] = field(default_factory=list)
+    cost: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    deploy: dict = field(default_factory=dict)  # target section: extra quantizers of the deployed graph
+    schema: str = SCHEMA
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        """Return the JSON form (layers in the stored order)."""
+        d = {"schema": self.schema, "model": self.model, "target": self.target,
+             "layers": {k: v.to_dict() for k, v in self.layers.items()},
+             "float_layers": list(self.float_layers), "cost": self.cost}
+        if self.deploy:
+            d["deploy"] = self.deploy
+        d["provenance"] = self.provenance
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<policy>") -> Policy:
+        """Parse the JSON form; raise PolicyError listing every format problem."""
+        if not isinstance(d, dict):
+            raise PolicyError(f"{source}: a policy is a JSON object, got {type(d).__name__}")
+        schema = d.get("schema")
+        if not isinstance(schema, str) or not schema.startswith("asga-policy/"):
+            raise PolicyError(f"{source}: missing or unknown 'schema' (expected {SCHEMA!r})")
+        try:
+            version = int(schema.split("/", 1)[1])
+        except ValueError:
+            raise PolicyError(f"{source}: unreadable schema {schema!r} (expected {SCHEMA!r})") from None
+        if version > SCHEMA_VERSION:
+            raise PolicyError(f"{source}: schema {schema!r} is newer than this asga-deploy reads ({SCHEMA!r}); "
+                              "upgrade asga-deploy")
+        problems = []
+        for key, typ in (("model", str), ("target", str), ("layers", dict)):
+            if not isinstance(d.get(key), typ):
+                problems.append(f"'{key}' missing or not a {typ.__name__}")
+        if problems:
+            raise PolicyError(f"{source}: " + "; ".join(problems))
+        if d["target"] not in TARGETS:
+            problems.append(f"target {d['target']!r} unknown (choose {', '.join(TARGETS)})")
+        layers = {}
+        for name, spec in d["layers"].items():
+            if not isinstance(spec, dict):
+                problems.append(f"layer {name}: not an object")
+                continue
+            w, a, s = spec.get("weight_bits"), spec.get("act_bits"), spec.get("act_signed")
+            bad = [k for k, v in (("weight_bits", w), ("act_bits", a)) if not isinstance(v, int) or isinstance(v, bool)]
+            if not isinstance(s, bool):
+                bad.append("act_signed")
+            if bad:
+                problems.append(f"layer {name}: {', '.join(bad)} missing or of the wrong type")
+                continue
+            layers[name] = LayerBits(w, a, s)
+        floats = d.get("float_layers", [])
+        if not isinstance(floats, list) or not all(isinstance(x, str) for x in floats):
+            problems.append("'float_layers' must be a list of layer names")
+            floats = []
+        if problems:
+            raise PolicyError(f"{source}: " + "; ".join(problems))
+        return cls(d["model"], d["target"], layers, list(floats), dict(d.get("cost", {})),
+                   dict(d.get("provenance", {})), dict(d.get("deploy", {})), schema)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """Read a policy file; raise PolicyError if it is missing, not JSON or malformed."""
+        path = Path(path)
+        if not path.is_file():
+            raise PolicyError(f"policy file {path} does not exist")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PolicyError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d, str(path))
+
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write atomically; refuse to overwrite unless force. Return the path."""
+        return atomic_write_json(check_writable(path, force), self.to_dict())
+
+    # ------------------------------------------------------------------ views
+    def bits(self, counted_only: bool = True) -> dict[str, tuple[int, int]]:
+        """Return {layer: (w, a)}; counted_only drops the layers excluded from the BitOPs ratio."""
+        excluded = set(self.cost.get("excluded", [])) if counted_only else set()
+        return {n: (b.weight_bits, b.act_bits) for n, b in self.layers.items() if n not in excluded}
+
+    def diff(self, other: Policy) -> list[str]:
+        """Return the layers whose bits (or float/quantized status) differ between two policies."""
+        names = list(dict.fromkeys([*self.layers, *self.float_layers, *other.layers, *other.float_layers]))
+        out = []
+        for n in names:
+            a, b = self.layers.get(n), other.layers.get(n)
+            if a != b:
+                fa = f"W{a.weight_bits}A{a.act_bits}" if a else ("float" if n in self.float_layers else "absent")
+                fb = f"W{b.weight_bits}A{b.act_bits}" if b else ("float" if n in other.float_layers else "absent")
+                out.append(f"{n} ({fa} vs {fb})")
+        return out
+
+
+def compute_cost(policy: Policy, costs: dict[str, LayerCost], input_shape, num_classes: int,
+                 excluded: list[str]) -> dict:
+    """Return the policy's cost record: BitOPs and its ratio to W8A8 over the counted layers, bytes."""
+    counted = {n: (b.weight_bits, b.act_bits) for n, b in policy.layers.items() if n not in excluded}
+    ref = w8a8_bitops(counted, costs)
+    total_bytes = weight_bytes({n: (b.weight_bits, 0) for n, b in policy.layers.items()}, costs) + sum(
+        costs[n].params * 4 for n in policy.float_layers if n in costs)
+    b = bitops(counted, costs)
+    return {"input_shape": list(input_shape), "num_classes": num_classes, "excluded": list(excluded),
+            "bitops": b, "bitops_vs_w8a8": (b / ref) if ref else 0.0,
+            "weight_bytes": weight_bytes(counted, costs), "weight_bytes_total": total_bytes}
+
+
+def validate_policy(policy: Policy, model: nn.Module, source: str = "<policy>",
+                    costs: dict[str, LayerCost] | None = None) -> None:
+    """Check a policy against a model and its target; raise PolicyError naming EVERY problem at once."""
+    from .models import quantizable_layers
+
+    problems = []
+    names = quantizable_layers(model)
+    known = set(names)
+    if costs is None:
+        shape = policy.cost.get("input_shape")
+        costs = layer_costs(model, shape) if shape else None
+    target = TARGETS.get(policy.target)
+    for n in policy.layers:
+        if n not in known:
+            problems.append(f"layer {n} is not a Conv2d/Linear of model {policy.model}")
+    for n in policy.float_layers:
+        if n not in known:
+            problems.append(f"float layer {n} is not a Conv2d/Linear of model {policy.model}")
+        if n in policy.layers:
+            problems.append(f"layer {n} is in both 'layers' and 'float_layers'")
+    missing = [n for n in names if n not in policy.layers and n not in policy.float_layers]
+    if missing:
+        problems.append(f"layers missing from the policy: {', '.join(missing)}")
+    lo, hi = BITS_RANGE
+    for n, b in policy.layers.items():
+        bad = [f"{k}={v}" for k, v in (("weight_bits", b.weight_bits), ("act_bits", b.act_bits)) if not lo <= v <= hi]
+        if bad:
+            problems.append(f"layer {n}: {', '.join(bad)} outside {lo}..{hi}")
+            continue
+        if target is not None and (why := target.check(b.weight_bits, b.act_bits, b.act_signed)):
+            problems.append(f"layer {n}: target {policy.target} cannot run {why}")
+        if costs is not None and n in costs and not b.act_signed and costs[n].input_signed:
+            problems.append(f"layer {n}: act_signed=false but its input takes negative values")
+    if problems:
+        raise PolicyError(f"{source} does not fit model {policy.model}: " + "; ".join(problems))
+
+
+def uniform_policy(model_name: str, weight_bits: int, act_bits: int, target: str = "ort",
+                   num_classes: int = 10, in_chans: int | None = None, input_size: int | None = None,
+                   edges: str = "w8a8") -> Policy:
+    """Return the uniform W{w}A{a} policy of a registered model; edges ('w8a8' or 'float') for first/last."""
+    from .models import create_model, edge_layers, model_info
+
+    info = model_info(model_name)
+    if in_chans is None:
+        in_chans = 1 if info.input_size <= 28 else 3
+    size = input_size or info.input_size
+    model = create_model(model_name, num_classes=num_classes, in_chans=in_chans)
+    costs = layer_costs(model, (in_chans, size, size))
+    excl = edge_layers(model)
+    layers, floats = {}, []
+    for n, c in costs.items():
+        if n in excl:
+            if edges == "float":
+                floats.append(n)
+                continue
+            layers[n] = LayerBits(8, 8 if c.input_signed or target != "tensorrt" else 7, c.input_signed)
+        else:
+            a = act_bits
+            if target == "tensorrt" and not c.input_signed and a == 8:
+                a = 7  # TensorRT's INT8 after a ReLU is an unsigned 7-bit grid
+            layers[n] = LayerBits(weight_bits, a, c.input_signed)
+    pol = Policy(model_name, target, layers, floats)
+    pol.cost = compute_cost(pol, costs, (in_chans, size, size), num_classes, excl)
+    from .io import provenance
+
+    pol.provenance = provenance(command=f"uniform_policy({model_name!r}, {weight_bits}, {act_bits}, {target!r})",
+                                method="uniform")
+    return pol

@@ -1,0 +1,69 @@
+"""Quantized Conv2d / Linear: the float layer with a weight quantizer and an input quantizer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import FakeQuantizer
+
+
+def weight_quantizer(bits: int, out_channels: int) -> FakeQuantizer:
+    """Return a symmetric per-output-channel (axis 0) weight quantizer."""
+    return FakeQuantizer(bits, signed=True, narrow=True, channels=out_channels, axis=0)
+
+
+def input_quantizer(bits: int, signed: bool) -> FakeQuantizer:
+    """Return a per-tensor activation quantizer (unsigned after a ReLU)."""
+    return FakeQuantizer(bits, signed=signed)
+
+
+class _QuantMixin:
+    weight_quantizer: FakeQuantizer
+    input_quantizer: FakeQuantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Return the fake-quantized weight (on its b-bit grid times the per-channel scale)."""
+        return self.weight_quantizer(self.weight)
+
+    def extra_repr(self) -> str:
+        wq, aq = self.weight_quantizer, self.input_quantizer
+        return f"{super().extra_repr()}, W{wq.bits}A{aq.bits}{'s' if aq.signed else 'u'}"
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """Conv2d computing conv(Q_a(x), Q_w(W)) + b."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int, act_signed: bool) -> QuantConv2d:
+        """Return a quantized copy of conv sharing its parameters."""
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                device=conv.weight.device, dtype=conv.weight.dtype)
+        q.weight, q.bias = conv.weight, conv.bias
+        q.weight_quantizer = weight_quantizer(weight_bits, conv.out_channels).to(conv.weight.device)
+        q.input_quantizer = input_quantizer(act_bits, act_signed).to(conv.weight.device)
+        q.weight_quantizer.init_mse(conv.weight)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """Linear computing Q_a(x) Q_w(W)^T + b."""
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, weight_bits: int, act_bits: int, act_signed: bool) -> QuantLinear:
+        """Return a quantized copy of lin sharing its parameters."""
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None,
+                device=lin.weight.device, dtype=lin.weight.dtype)
+        q.weight, q.bias = lin.weight, lin.bias
+        q.weight_quantizer = weight_quantizer(weight_bits, lin.out_features).to(lin.weight.device)
+        q.input_quantizer = input_quantizer(act_bits, act_signed).to(lin.weight.device)
+        q.weight_quantizer.init_mse(lin.weight)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
