@@ -120,13 +120,14 @@ def machine_info() -> dict:
 
 def versions() -> dict:
     """Return the versions of python and the libraries that matter (None where absent)."""
-    import importlib
+    from importlib import metadata
 
     out = {"python": sys.version.split()[0]}
+    # distribution metadata: importing torchvision or tensorrt just for a version costs seconds
     for name in ("torch", "torchvision", "onnx", "onnxruntime", "tensorrt", "numpy"):
         try:
-            out[name] = importlib.import_module(name).__version__
-        except Exception:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = None
     from . import __version__
 
@@ -145,7 +146,7 @@ def provenance(command: str | None = None, **extra: Any) -> dict:
         "asga_version": __version__,
         "git_commit": git_commit(),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is not weights_only-loadable
     }
     rec.update(extra)
     return rec
