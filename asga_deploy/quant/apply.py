@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..policy import Policy, validate_policy
+from ..targets import TARGETS
 from .modules import QuantConv2d, QuantLinear
 from .quantizers import FakeQuantizer
 
@@ -31,6 +32,10 @@ def apply_policy(model: nn.Module, policy: Policy, validate: bool = True, source
             raise ValueError(f"layer {name} is already quantized")
         cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
         _set_module(model, name, cls.from_float(m, bits.weight_bits, bits.act_bits, bits.act_signed))
+    if TARGETS[policy.target].residual_quant:
+        from .residual import insert_deploy_quantizers
+
+        policy.deploy = {**policy.deploy, "quantizers": insert_deploy_quantizers(model)}
     return model
 
 

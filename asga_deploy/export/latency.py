@@ -1,0 +1,124 @@
+"""Latency of an ONNX file (ONNX Runtime CPU) or a TensorRT engine: percentiles over batch sizes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AsgaError
+from ..io import atomic_write_json, check_writable, machine_info, provenance, versions
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What to time: batch sizes, threads (0: all cores of this process), warm-up and timed iterations."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    threads: int = 0
+    warmup: int = 10
+    iters: int = 50
+    input_size: int | None = None  # spatial size when the model's input is not fixed
+    kernels: bool = True  # ONNX Runtime: report which quantized layers became integer kernels
+
+
+def percentiles(times_ms: list[float], batch: int) -> dict:
+    """Return p50/p90/p99/mean (ms) and throughput (images/s at the median) of a list of timings."""
+    a = np.asarray(times_ms, dtype=np.float64)
+    p50 = float(np.percentile(a, 50))
+    return {"batch": batch, "iters": len(a), "p50_ms": p50, "p90_ms": float(np.percentile(a, 90)),
+            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "min_ms": float(a.min()),
+            "throughput_ips": batch * 1000.0 / p50 if p50 > 0 else None}
+
+
+def time_session(sess, x: np.ndarray, warmup: int, iters: int) -> list[float]:
+    """Return per-run wall times (ms) of an ORT session on x after warm-up."""
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        out.append((time.perf_counter() - t0) * 1000.0)
+    return out
+
+
+def input_shape(sess, input_size: int | None) -> tuple[int, int, int]:
+    """Return the (C, H, W) an ORT session takes, using input_size where H/W are dynamic."""
+    shape = sess.get_inputs()[0].shape
+    c, h, w = shape[1:4]
+    if not isinstance(c, int):
+        raise AsgaError(f"the model input {shape} has no fixed channel count")
+    if not (isinstance(h, int) and isinstance(w, int)):
+        if input_size is None:
+            raise AsgaError(f"the model input {shape} has a dynamic size: pass --input-size")
+        h = w = input_size
+    return c, h, w
+
+
+def profile_onnx(path: str | Path, cfg: ProfileConfig) -> dict:
+    """Return ONNX Runtime latency per batch size, and the integer-kernel report of the optimized graph."""
+    from .ort import default_threads, integer_kernels, session
+
+    threads = cfg.threads or default_threads()
+    sess = session(path, threads)
+    c, h, w = input_shape(sess, cfg.input_size)
+    rng = np.random.default_rng(0)
+    res = {"runtime": "onnxruntime", "provider": "CPUExecutionProvider", "threads": threads,
+           "input_shape": [c, h, w], "batches": []}
+    for b in cfg.batch_sizes:
+        x = rng.standard_normal((b, c, h, w)).astype(np.float32)
+        res["batches"].append(percentiles(time_session(sess, x, cfg.warmup, cfg.iters), b))
+    if cfg.kernels:
+        res["integer_kernels"] = integer_kernels(path, threads)
+    return res
+
+
+def onnx_metadata(path: str | Path) -> dict:
+    """Return the asga metadata of an ONNX file (policy, target; empty for foreign files)."""
+    from ..errors import require
+
+    onnx = require("onnx", "onnx")
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    out = {}
+    for k in ("asga.policy", "asga.provenance"):
+        if k in meta:
+            out[k.split(".", 1)[1]] = json.loads(meta[k])
+    out.update({k.split(".", 1)[1]: v for k, v in meta.items() if k in ("asga.target", "asga.opset")})
+    return out
+
+
+def run_profile(model: str | Path, cfg: ProfileConfig, out: str | Path | None = None, force: bool = False) -> dict:
+    """Profile an .onnx (ONNX Runtime) or .engine (TensorRT) file; write latency.json beside it; return it."""
+    model = Path(model)
+    if not model.is_file():
+        raise AsgaError(f"{model} does not exist")
+    out = Path(out) if out is not None else model.parent / "latency.json"
+    check_writable(out, force)
+    if model.suffix == ".onnx":
+        res = profile_onnx(model, cfg)
+        meta = onnx_metadata(model)
+        pol = meta.get("policy")
+        if pol and "integer_kernels" in res:
+            plan = [n for n in pol.get("layers", {})]
+            got = res["integer_kernels"]["layers"]
+            res["integer_kernels"]["policy_layers_not_integer"] = [n for n in plan if not got.get(n, {}).get(
+                "integer")]
+    elif model.suffix in (".engine", ".plan", ".trt"):
+        from .trt import profile_engine
+
+        sibling = model.parent / "model.qdq.onnx"  # its policy says which layers should run INT8
+        pol = onnx_metadata(sibling).get("policy") if sibling.is_file() else None
+        res = profile_engine(model, cfg, list(pol["layers"]) if pol else None,
+                             list(pol.get("float_layers", [])) if pol else None)
+    else:
+        raise AsgaError(f"{model}: profile takes an .onnx or .engine file")
+    report = {"model": str(model), "config": asdict(cfg), **res, "machine": machine_info(),
+              "versions": versions(), "provenance": provenance()}
+    atomic_write_json(out, report)
+    report["path"] = str(out)
+    return report

@@ -1,0 +1,212 @@
+"""Exact lowering of a fake-quant model to ONNX QDQ (architecture.md, "Targets ... and exact lowering").
+
+Weights go in as INT8 (or INT4) initializers already on their b-bit grid, per output channel (axis 0),
+zero point 0, feeding DequantizeLinear; activations are per-tensor Q/DQ with the training scale and a
+float Clip in front below 8 bits (torch's fake_quantize export path). Conv/Gemm nodes are renamed to
+their module names so that ORT's optimized graph and TensorRT's layer names map back to the policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ExportError, UnsupportedTargetError, require
+from ..policy import Policy
+from ..quant import QuantConv2d, QuantLinear
+from ..quant.apply import fold_bn
+from ..quant.quantizers import FakeQuantizer
+from ..targets import get_target
+from .graph import fp16_variant, initializer_identities, int4_weights, name_layers, prune, size_report  # noqa: F401
+
+TRT_OPSETS = (17, 18, 19, 20)
+INT4_OPSET = 21
+DEFAULT_OPSET = 17  # QDQ per-channel needs >= 13; 17 is inside TensorRT's parser range and fuses in ORT
+# leaf modules the exporter knows how to lower (parameter-free torch.nn modules are left to torch.onnx)
+HANDLED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Identity, FakeQuantizer)
+
+
+@dataclass(frozen=True)
+class LoweringConfig:
+    """How to lower: target backend, opset (None: the target's default), INT4 weight storage, FP16 floats."""
+
+    target: str = "ort"
+    opset: int | None = None
+    int4_storage: bool = False
+    fp16_float_layers: bool = False  # tensorrt: float layers FP16 in the graph (TensorRT 11 strong typing)
+
+
+def resolve_opset(cfg: LoweringConfig) -> int:
+    """Return the opset to export with, or raise UnsupportedTargetError for an impossible choice."""
+    opset = cfg.opset if cfg.opset is not None else (INT4_OPSET if cfg.int4_storage else DEFAULT_OPSET)
+    if opset < 13:
+        raise UnsupportedTargetError(f"opset {opset} has no per-channel QDQ; use 13 or newer")
+    if cfg.int4_storage and opset < INT4_OPSET:
+        raise UnsupportedTargetError(f"--int4-storage needs opset {INT4_OPSET} or newer, got {opset}")
+    if cfg.target == "tensorrt":
+        if cfg.int4_storage:
+            raise UnsupportedTargetError("--int4-storage is not for tensorrt: TensorRT convolutions take INT8 "
+                                         "weights (INT4 is weight-only for GEMM)")
+        if opset not in TRT_OPSETS:
+            raise UnsupportedTargetError(f"opset {opset} for tensorrt: use one of {list(TRT_OPSETS)}")
+    elif cfg.fp16_float_layers:
+        raise UnsupportedTargetError("--fp16 (FP16 float layers) is a tensorrt export option")
+    return opset
+
+
+def check_representable(model: nn.Module, policy: Policy, target: str) -> None:
+    """Raise UnsupportedTargetError naming every layer and quantizer the target cannot run."""
+    t = get_target(target)
+    bad = [f"{n} (W{b.weight_bits}A{b.act_bits}{'s' if b.act_signed else 'u'}: {why})"
+           for n, b in policy.layers.items() if (why := t.check(b.weight_bits, b.act_bits, b.act_signed))]
+    if target == "tensorrt":
+        bad += [f"{n} (unsigned 8-bit deploy quantizer)" for n, q in model.named_modules()
+                if isinstance(q, FakeQuantizer) and n.startswith("deploy_quant.") and not q.signed
+                and q.bits == 8]
+    if bad:
+        raise UnsupportedTargetError(f"target {target} cannot represent: {'; '.join(bad)}"
+                                     + (" (TensorRT takes signed INT8 only: use act_bits <= 7 after a ReLU)"
+                                        if target == "tensorrt" else ""))
+
+
+def check_layer_types(model: nn.Module) -> None:
+    """Raise ExportError naming leaf modules with parameters that the exporter does not handle."""
+    bad = []
+    for name, m in model.named_modules():
+        if name.endswith("weight_quantizer") or name.endswith("input_quantizer") or list(m.children()):
+            continue
+        has_state = any(True for _ in m.parameters(recurse=False)) or any(
+            b is not None and b.numel() > 1 for b in m.buffers(recurse=False))
+        if has_state and not isinstance(m, HANDLED):
+            bad.append(f"{name} ({type(m).__name__})")
+        elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            bad.append(f"{name} (Conv2d padding_mode={m.padding_mode!r})")
+    if bad:
+        raise ExportError(f"the exporter does not handle these layers: {', '.join(bad)} "
+                          f"(handled: {', '.join(t.__name__ for t in HANDLED)} and parameter-free torch.nn modules)")
+
+
+def prepare_model(model: nn.Module, round_bias: bool = True) -> nn.Module:
+    """Return an eval copy with BN folded and every quantizer in onnx_mode (the parity reference).
+
+    round_bias puts each quantized layer's bias on its integer accumulator grid (input scale x weight
+    scale, per channel): integer kernels add an INT32 bias (ONNX Runtime quantizes a float bias so at
+    load time), so the exported function has that bias; the reference must have it too to stay exact.
+    """
+    m = copy.deepcopy(model).cpu().eval()
+    fold_bn(m)
+    for q in m.modules():
+        if isinstance(q, FakeQuantizer):
+            q.onnx_mode = True
+    if round_bias:
+        with torch.no_grad():
+            for layer in m.modules():
+                if isinstance(layer, (QuantConv2d, QuantLinear)) and layer.bias is not None:
+                    grid = (layer.input_quantizer.step().float().reshape(()) * layer.weight_quantizer.step().float())
+                    layer.bias.copy_(torch.round(layer.bias / grid).clamp(-(2**31), 2**31 - 1) * grid)
+    return m
+
+
+class _WeightDQ(torch.autograd.Function):
+    """Dequantized weight codes * scale; exports as DequantizeLinear(INT8 initializer, scale, 0, axis=0)."""
+
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        return codes.float() * scale.reshape((-1,) + (1,) * (codes.dim() - 1))
+
+    @staticmethod
+    def symbolic(g, codes, scale, zp):
+        return g.op("DequantizeLinear", codes, scale, zp, axis_i=0)
+
+
+def _patch_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """Give each quantized layer INT8 code/scale/zero-point buffers and a DQ weight path; return them."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    for m in layers.values():
+        wq = m.weight_quantizer
+        m.register_buffer("weight_int8", wq.integer(m.weight).to(torch.int8))
+        m.register_buffer("weight_scale", wq.step().detach().clone().float())
+        m.register_buffer("weight_zero_point", torch.zeros(m.weight.shape[0], dtype=torch.int8))
+        m.quantized_weight = (lambda mod=m: _WeightDQ.apply(mod.weight_int8, mod.weight_scale,
+                                                            mod.weight_zero_point))
+    return layers
+
+
+def _signed_activations(model: nn.Module) -> None:
+    """TensorRT: lower unsigned b-bit (b <= 7) activations through signed INT8 Q/DQ (same values)."""
+    for q in model.modules():
+        if isinstance(q, FakeQuantizer) and not q.per_channel and not q.signed:
+            if q.qmax > 127:
+                raise UnsupportedTargetError(f"unsigned {q.bits}-bit activation does not fit signed INT8")
+            q.signed = True  # forward_onnx then clamps to [0, qmax*s] and uses the (-128, 127) range
+
+
+def lower(model: nn.Module, policy: Policy, cfg: LoweringConfig, input_shape: tuple[int, ...],
+          metadata: dict[str, str]) -> tuple:
+    """Return (onnx.ModelProto, reference torch module) for a prepared (BN-folded, onnx_mode) model."""
+    onnx = require("onnx", "onnx")
+    opset = resolve_opset(cfg)
+    if cfg.fp16_float_layers:
+        raise ValueError("lower() writes the exact FP32 graph; apply fp16_variant() to it")
+    m = copy.deepcopy(model).eval()
+    layers = _patch_weights(m)
+    if cfg.target == "tensorrt":
+        _signed_activations(m)
+    buf = io.BytesIO()
+    x = torch.zeros((1, *input_shape))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings on the constant scales are expected: they are constants
+            torch.onnx.export(m, (x,), buf, dynamo=False, opset_version=min(opset, 20), input_names=["input"],
+                              output_names=["logits"], do_constant_folding=True,
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"torch.onnx.export failed: {first[:300]}") from None
+    proto = onnx.load_from_string(buf.getvalue())
+    if opset > 20:  # torch's exporter stops at 20; the ops we emit mean the same at 21 (types only widened)
+        next(o for o in proto.opset_import if o.domain in ("", "ai.onnx")).version = opset
+    initializer_identities(proto)
+    name_layers(proto, layers, policy)
+    if cfg.int4_storage:
+        int4_weights(proto, {n: mod.weight_quantizer.bits for n, mod in layers.items()})
+    prune(proto)
+    for k, v in {**metadata, "asga.lowering": json.dumps(asdict(cfg)), "asga.opset": str(opset)}.items():
+        proto.metadata_props.add(key=k, value=v)
+    proto.producer_name, proto.doc_string = "asga-deploy", f"QDQ export of {policy.model} for {cfg.target}"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0][:300]}") from None
+    return proto, m
+
+
+def export_float(checkpoint, out, opset: int = DEFAULT_OPSET):
+    """Write the fp32 ONNX (dynamic batch) of a float checkpoint (kind "float"); return the path."""
+    from pathlib import Path
+
+    from ..errors import CheckpointError
+    from ..io import atomic_write_bytes, load_checkpoint
+    from ..models import create_model
+
+    require("onnx", "onnx")
+    ckpt = load_checkpoint(checkpoint, "float")
+    try:
+        chans, size = int(ckpt["in_chans"]), int(ckpt["input_size"])
+        model = create_model(ckpt["model_name"], num_classes=int(ckpt["num_classes"]), in_chans=chans)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{checkpoint}: cannot rebuild its float model ({str(e).splitlines()[0][:200]})") from None
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(1, chans, size, size),), buf, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return atomic_write_bytes(Path(out), buf.getvalue())

@@ -1,0 +1,50 @@
+"""Shared builders for the export tests: tiny fine-tuned checkpoints and policies on disk."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from asga_deploy.io import atomic_torch_save, provenance
+from asga_deploy.models import create_model
+from asga_deploy.policy import Policy, uniform_policy
+from asga_deploy.quant import apply_policy, calibrate
+
+FAKE = "fake:classes=10,size=28,chans=1,train=32,test=64,seed=0"
+
+
+def make_checkpoint(tmp: Path, model_name: str = "tinynet", w: int = 8, a: int = 8, target: str = "ort",
+                    policy: Policy | None = None, seed: int = 0, dataset: str = FAKE) -> tuple[Path, Path, Policy]:
+    """Write <tmp>/<stem>.json and a finetuned.pt (random weights, calibrated on random data)."""
+    torch.manual_seed(seed)
+    pol = policy or uniform_policy(model_name, w, a, target)
+    stem = f"{model_name}-w{w}a{a}-{pol.target}"
+    ppath = pol.save(tmp / f"{stem}.json", force=True)
+    chans, size = pol.cost["input_shape"][0], pol.cost["input_shape"][-1]
+    model = create_model(pol.model, num_classes=10, in_chans=chans)
+    trained = copy.deepcopy(Policy.load(ppath))
+    apply_policy(model, trained)
+    with torch.no_grad():  # non-trivial BN statistics so folding is exercised
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    calibrate(model, [torch.randn(32, chans, size, size)])
+    ckpt = {"kind": "finetuned", "model": model.state_dict(), "policy": trained.to_dict(),
+            "model_name": pol.model, "num_classes": 10, "in_chans": chans, "input_size": size,
+            "dataset": dataset, "config": {}, "metrics": {},
+            "provenance": json.loads(json.dumps(provenance(command="test"), default=str))}
+    cpath = atomic_torch_save(ckpt, tmp / stem / "finetuned.pt")
+    return ppath, cpath, pol
+
+
+def random_loader(shape, n: int = 64, batch: int = 32, seed: int = 0):
+    """Return a list of (images, labels) batches of random data."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn((batch, *shape), generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(n // batch)]
