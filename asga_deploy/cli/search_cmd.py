@@ -1,0 +1,112 @@
+"""`asga search`: parse options -> SearchConfig -> run_search -> one-paragraph summary."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import RichProgress, console, handle_errors
+
+
+def _bits(text: str, what: str) -> tuple[int, ...]:
+    from ..errors import PolicyError
+
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise PolicyError(f"--{what} {text!r}: give comma-separated integers in 2..8, e.g. 2,3,4,6,8") from None
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """Return `asga search` with the options that differ from their defaults (argv is not ours in tests)."""
+    parts = [ctx.command_path or "asga search"]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if v == p.default or v is None or not getattr(p, "opts", None):
+            continue
+        if getattr(p, "is_flag", False):
+            parts.append(p.opts[0] if v else (p.secondary_opts or [p.opts[0]])[0])
+        else:
+            parts += [p.opts[0], shlex.quote(str(v))]
+    return " ".join(parts)
+
+
+@app.command("search")
+@handle_errors
+def search(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", "-m", help="registered model (asga models)"),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="proxy dataset: fashion-mnist, cifar10, fake, ..."),
+    subset: int | None = typer.Option(None, "--subset", help="class-balanced proxy of N images"),
+    fraction: float | None = typer.Option(None, "--fraction", help="proxy as a fraction of the train split"),
+    budget_bitops: float | None = typer.Option(None, "--budget-bitops",
+                                               help="hard budget: <= 1 ratio of W8A8 BitOPs, > 1 absolute BitOPs"),
+    budget_weight_mb: float | None = typer.Option(None, "--budget-weight-mb", help="hard budget on weight MB"),
+    lam: float = typer.Option(0.0, "--lambda", help="soft budget lambda (no hard budget), or initial lambda"),
+    objective: str = typer.Option("asga", "--objective", help="asga | sam-align | sam | erm"),
+    epochs: int = typer.Option(15, "--epochs"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    target: str = typer.Option("sim", "--target", help="sim | ort | tensorrt (narrows the candidates)"),
+    weight_bits: str = typer.Option("2,3,4,6,8", "--weight-bits", help="candidate weight bit-widths"),
+    act_bits: str = typer.Option("2,3,4,6,8", "--act-bits", help="candidate activation bit-widths"),
+    no_replace: bool = typer.Option(False, "--no-replace",
+                                    help="drop (not lower) candidates the target cannot run"),
+    search_edges: bool = typer.Option(False, "--search-edges", help="search the first conv and classifier too"),
+    edge_bits: str = typer.Option("8", "--edge-bits", help="first conv / classifier in the policy: 8 | float"),
+    tol: float = typer.Option(0.03, "--tol", help="policy cost window [(1 - tol) T, T]"),
+    rho_rule: str = typer.Option("rel", "--rho-rule", help="rel | literal | fixed"),
+    epsilon: float = typer.Option(0.1, "--epsilon", help="largest perturbation radius (rho_0)"),
+    rho_min: float = typer.Option(0.01, "--rho-min"),
+    gamma: float = typer.Option(0.001, "--gamma", help="SAGM alignment coefficient"),
+    lr: float = typer.Option(0.01, "--lr"),
+    alpha_lr: float = typer.Option(0.01, "--alpha-lr"),
+    tau_end: float = typer.Option(0.01, "--tau-end"),
+    alpha_data: str = typer.Option("same", "--alpha-data", help="same | heldout (first-order bi-level)"),
+    float_ckpt: Path | None = typer.Option(None, "--float", help="init from a float checkpoint (asga train)"),
+    weights: str | None = typer.Option(None, "--weights", help="torchvision: pretrained backbone, new head"),
+    cost_input_size: int | None = typer.Option(None, "--cost-input-size", help="MACs at this (target) size"),
+    allow_diagnostics: bool = typer.Option(False, "--allow-diagnostics",
+                                           help="write the policy even when the diagnostics fail"),
+    out: Path = typer.Option(Path("policies"), "--out", help="folder of the policy file"),
+    name: str | None = typer.Option(None, "--name", help="policy file stem (default <model>-<objective>-r<NN>)"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="checkpoint folder (default runs/search/...)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir"),
+    download: bool = typer.Option(False, "--download"),
+    workers: int = typer.Option(0, "--workers"),
+    force: bool = typer.Option(False, "--force", help="overwrite the policy / restart the run folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run folder's checkpoint"),
+) -> None:
+    """Search a mixed-precision policy on a proxy dataset and write policies/<model>-<objective>-r<NN>.json."""
+    from ..errors import AsgaError
+    from ..search.proxy import proxy_data
+    from ..search.run import SearchConfig, run_search
+
+    if float_ckpt is not None and weights is not None:
+        raise AsgaError("give --float or --weights, not both")
+    if weights not in (None, "torchvision"):
+        raise AsgaError(f"--weights {weights!r}: only 'torchvision' (use --float for a checkpoint)")
+    init = str(float_ckpt) if float_ckpt is not None else (weights or "scratch")
+    cfg = SearchConfig(model=model, dataset=dataset, subset=subset, fraction=fraction, objective=objective,
+                       epochs=epochs, batch_size=batch_size, seed=seed, target=target,
+                       weight_bits=_bits(weight_bits, "weight-bits"), act_bits=_bits(act_bits, "act-bits"),
+                       replace_unsupported=not no_replace, search_edges=search_edges, edge_bits=edge_bits,
+                       budget_bitops=budget_bitops, budget_weight_mb=budget_weight_mb, lam=lam, tol=tol,
+                       tau_end=tau_end, lr=lr, alpha_lr=alpha_lr, gamma=gamma, epsilon=epsilon, rho_min=rho_min,
+                       rho_rule=rho_rule, alpha_data=alpha_data, init=init, cost_input_size=cost_input_size,
+                       allow_diagnostics=allow_diagnostics)
+    data = proxy_data(cfg, data_dir, download, workers)
+    progress = RichProgress(keys=("loss", "gap", "rho", "cost", "train_loss", "expected_cost", "argmax_cost"))
+    command = _command_line(ctx)
+    try:
+        res = run_search(cfg, data, out, run_dir, command, progress, resume=resume, force=force, name=name)
+    finally:
+        progress.close()
+    c, m = res.policy.cost, res.metrics
+    console.print(f"wrote {res.policy_path}: BitOPs {c['bitops_vs_w8a8']:.4f} of W8A8, weight bytes "
+                  f"{c['weight_bytes']:.0f}; argmax last changed in epoch {m['argmax_last_change_epoch']}; "
+                  f"extraction differs from argmax in {m['extraction_vs_argmax_choices']} choices; "
+                  f"checkpoints in {res.run_dir}")

@@ -1,0 +1,51 @@
+"""The proxy data of a search from asga_deploy.data: a class-balanced subset, optionally a held-out part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from ..errors import DatasetError
+from .run import SearchConfig, SearchData
+
+
+def proxy_data(cfg: SearchConfig, data_dir: str | Path | None = None, download: bool = False,
+               workers: int = 0) -> SearchData:
+    """Return SearchData whose batch order is a function of (seed, epoch) only."""
+    from .. import data as D
+
+    if cfg.subset is not None and cfg.fraction is not None:
+        raise DatasetError("give --subset or --fraction, not both")
+    spec = D.dataset_spec(cfg.dataset, data_dir)
+    full = D.get_dataset(cfg.dataset, "train", data_dir, download=download)
+    size = cfg.subset if cfg.subset is not None else (cfg.fraction if cfg.fraction is not None else 1.0)
+    subset, fp = D.proxy_subset(full, size, cfg.seed, cfg.dataset, "train")
+    held = None
+    if cfg.alpha_data == "heldout":
+        if not 0.0 < cfg.heldout_fraction < 1.0:
+            raise DatasetError(f"--heldout-fraction {cfg.heldout_fraction} must be in (0, 1)")
+        perm = torch.randperm(len(subset), generator=torch.Generator().manual_seed(cfg.seed + 7919)).tolist()
+        k = max(1, round(cfg.heldout_fraction * len(subset)))
+        if k >= len(subset):
+            raise DatasetError(f"proxy of {len(subset)} images is too small to hold out {k} for the logits")
+        idx = list(subset.indices)
+        held = Subset(full, sorted(idx[i] for i in perm[:k]))
+        subset = Subset(full, sorted(idx[i] for i in perm[k:]))
+    loader = D.make_loader(subset, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=workers)
+    held_loader = (D.make_loader(held, cfg.batch_size, shuffle=True, seed=cfg.seed + 1, workers=workers)
+                   if held is not None else None)
+
+    def train(epoch: int):
+        D.set_epoch(loader, epoch)
+        return loader
+
+    def heldout(epoch: int):
+        D.set_epoch(held_loader, epoch)
+        return held_loader
+
+    return SearchData(cfg.dataset, fp, spec.num_classes, spec.in_chans, spec.input_size, len(subset), len(loader),
+                      train, heldout if held_loader is not None else None,
+                      {"proxy_size": len(subset), "heldout_size": len(held) if held is not None else 0,
+                       "full_size": len(full), "split": "train"})
