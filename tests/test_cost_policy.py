@@ -10,7 +10,7 @@ from torch import nn
 from asga_deploy.cost import bitops, layer_costs, w8a8_bitops, weight_bytes
 from asga_deploy.errors import OutputExistsError, PolicyError, UnknownModelError
 from asga_deploy.models import create_model, list_models
-from asga_deploy.policy import LayerBits, Policy, validate_policy, uniform_policy
+from asga_deploy.policy import LayerBits, Policy, uniform_policy, validate_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 

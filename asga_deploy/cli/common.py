@@ -7,7 +7,14 @@ import sys
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from ..errors import AsgaError
 from ..progress import ProgressEvent
@@ -61,7 +68,7 @@ class RichProgress:
             self.close()
             return
         if ev.kind == "epoch":
-            items = {k: v for k, v in ev.metrics.items() if self.keys is None or k in self.keys or k.startswith("val")}
+            items = {k: v for k, v in ev.metrics.items() if not isinstance(v, (list, dict))}
             text = "  ".join(f"{k}={_fmt(v)}" for k, v in items.items())
             err_console.print(f"{ev.stage} epoch {ev.epoch}/{ev.epochs}  {text}")
             return

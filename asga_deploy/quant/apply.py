@@ -70,9 +70,9 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: in
     try:
         for q in quants.values():  # pass-through until calibrated
             q._calibrating = True
-        for name, q in quants.items():
-            seen = []
-            h = q.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
+        for q in quants.values():
+            seen: list[torch.Tensor] = []
+            h = q.register_forward_pre_hook(lambda m, inp, seen=seen: seen.append(inp[0].detach()))
             for x in xs:
                 model(x)
             h.remove()
@@ -115,7 +115,7 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         return pairs
     # not traceable: a BatchNorm2d right after a Conv2d in module order, with matching channels
     mods = list(model.named_modules())
-    for (n1, m1), (n2, m2) in zip(mods, mods[1:]):
+    for (n1, m1), (n2, m2) in zip(mods, mods[1:], strict=False):
         if isinstance(m1, nn.Conv2d) and isinstance(m2, nn.BatchNorm2d) and m1.out_channels == m2.num_features:
             pairs.append((n1, n2))
     return pairs

@@ -1,0 +1,209 @@
+"""`asga demo`: the whole chain on a real dataset, each step reusing what an earlier run left.
+
+float training -> ASGA search on a class-balanced proxy at a BitOPs budget -> QAT fine-tuning of the
+searched policy, of the uniform policies of the same BitOPs and of W8A8 -> exact ONNX QDQ export with
+parity -> ONNX Runtime latency of every model against fp32, alternated in one run -> report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import AsgaError
+from .io import atomic_write_json, machine_info, provenance, versions
+from .progress import Callback, ProgressEvent, emit
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every setting of the demo; recorded in demo.json."""
+
+    model: str = "smallcnn"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    budget_bitops: float = 0.125  # W4A2 / W2A4 uniform: where uniform quantization visibly loses accuracy
+    proxy_size: int = 1000
+    train_epochs: int = 3
+    search_epochs: int = 15
+    search_init: str = "float"  # "float": the trained float model; "scratch"
+    finetune_epochs: int = 1
+    target: str = "ort"
+    seed: int = 0
+    parity_images: int = 1000
+    latency_batches: tuple[int, ...] = (1, 32)
+    latency_rounds: int = 5
+    latency_iters: int = 20
+    out_dir: str = "export/demo"
+    redo: bool = False
+
+
+def uniform_matches(model: str, budget: float, target: str, in_chans: int, size: int) -> list[tuple[int, int]]:
+    """Return the uniform (w, a) pairs whose BitOPs ratio is the budget (within 3% below it)."""
+    from .targets import get_target
+
+    t = get_target(target)
+    return [(w, a) for w in t.weight_bits for a in t.act_bits(False)
+            if 0.97 * budget <= w * a / 64 <= budget + 1e-12]
+
+
+def _step(callback, name: str, message: str) -> float:
+    emit(callback, ProgressEvent("info", "demo", message=f"[{name}] {message}"))
+    return time.perf_counter()
+
+
+def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
+    """Run the chain; return the summary (also written to <out>/demo.json and report.md)."""
+    from . import data as D
+    from .export.run import ExportConfig, run_export
+    from .finetune import FinetuneConfig, run_finetune
+    from .models import model_info
+    from .policy import Policy, uniform_policy
+    from .search.proxy import proxy_data
+    from .search.run import SearchConfig, run_search
+    from .train import TrainConfig, run_train
+
+    root = Path(cfg.out_dir)
+    spec = D.dataset_spec(cfg.dataset, cfg.data_dir)  # fails early, naming where it looked
+    model_info(cfg.model)
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    # 1. float model
+    t0 = _step(callback, "train", f"float {cfg.model} on {cfg.dataset}, {cfg.train_epochs} epochs")
+    float_dir = root / "float"
+    if (float_dir / "train.json").exists() and not cfg.redo:
+        train_report = json.loads((float_dir / "train.json").read_text())
+    else:
+        tcfg = TrainConfig(model=cfg.model, dataset=cfg.dataset, data_dir=cfg.data_dir, epochs=cfg.train_epochs,
+                           seed=cfg.seed, out_dir=str(root), run="float")
+        resume = (float_dir / "float.pt").exists() and not cfg.redo
+        train_report = run_train(tcfg, resume=resume, force=cfg.redo, callback=callback).report
+    float_ckpt = float_dir / "float.pt"
+    times["train_s"] = time.perf_counter() - t0
+
+    # 2. ASGA search on the proxy
+    stem = f"{cfg.model}-asga-b{round(1000 * cfg.budget_bitops):03d}"
+    pol_dir = root / "policies"
+    searched = pol_dir / f"{stem}.json"
+    t0 = _step(callback, "search", f"ASGA on a {cfg.proxy_size}-image proxy, budget {100 * cfg.budget_bitops:g}% "
+                                   f"of W8A8 BitOPs, target {cfg.target}")
+    if not searched.exists() or cfg.redo:
+        scfg = SearchConfig(model=cfg.model, dataset=cfg.dataset, subset=cfg.proxy_size, objective="asga",
+                            epochs=cfg.search_epochs, seed=cfg.seed, target=cfg.target,
+                            budget_bitops=cfg.budget_bitops,
+                            init=str(float_ckpt) if cfg.search_init == "float" else "scratch",
+                            allow_diagnostics=True)  # recorded in the policy's metrics and the report
+        run_dir = root / "search"
+        resume = (run_dir / "checkpoint.pt").exists() and not cfg.redo
+        run_search(scfg, proxy_data(scfg, cfg.data_dir), out_dir=pol_dir, run_dir=run_dir, callback=callback,
+                   resume=resume, force=cfg.redo or not resume, name=stem, command="asga demo")
+    times["search_s"] = time.perf_counter() - t0
+
+    # 3. the policies to compare: searched, uniform at the same BitOPs, W8A8
+    in_chans, size = spec.in_chans, spec.input_size
+    policies = {"asga": searched}
+    for w, a in uniform_matches(cfg.model, cfg.budget_bitops, cfg.target, in_chans, size) + [(8, 8)]:
+        p = pol_dir / f"{cfg.model}-w{w}a{a}.json"
+        if not p.exists() or cfg.redo:
+            uniform_policy(cfg.model, w, a, cfg.target, spec.num_classes, in_chans, size).save(p, force=True)
+        policies[f"uniform W{w}A{a}"] = p
+
+    # 4. fine-tune and 5. export each
+    rows = []
+    for label, path in policies.items():
+        pstem = path.stem
+        t0 = _step(callback, "finetune", f"{label} ({pstem}), {cfg.finetune_epochs} epochs")
+        ft_json = root / pstem / "finetune.json"
+        if ft_json.exists() and not cfg.redo:
+            ft = json.loads(ft_json.read_text())
+        else:
+            fcfg = FinetuneConfig(policy=str(path), float_checkpoint=str(float_ckpt), dataset=cfg.dataset,
+                                  data_dir=cfg.data_dir, epochs=cfg.finetune_epochs, seed=cfg.seed, out_dir=str(root))
+            resume = (root / pstem / "finetuned.pt").exists() and not cfg.redo
+            ft = run_finetune(fcfg, resume=resume, force=cfg.redo, callback=callback).report
+        times[f"finetune_{pstem}_s"] = time.perf_counter() - t0
+        t0 = _step(callback, "export", f"{label}: ONNX QDQ for {cfg.target}, parity on {cfg.parity_images} images")
+        rep_path = root / pstem / "report.json"
+        if rep_path.exists() and not cfg.redo and json.loads(rep_path.read_text()).get("status") == "ok":
+            rep = json.loads(rep_path.read_text())
+        else:
+            from .export.ort import ParityConfig
+
+            ecfg = ExportConfig(policy=str(path), checkpoint=str(root / pstem / "finetuned.pt"), target=cfg.target,
+                                out_dir=str(root / pstem), data_dir=cfg.data_dir,
+                                parity=ParityConfig(images=cfg.parity_images))
+            rep = run_export(ecfg, force=True, callback=callback)
+        times[f"export_{pstem}_s"] = time.perf_counter() - t0
+        pol = Policy.load(path)
+        rows.append({"label": label, "policy": str(path), "top1": ft["top1"], "float_top1": ft["float_top1"],
+                     "bitops_vs_w8a8": pol.cost["bitops_vs_w8a8"], "weight_bytes": pol.cost["weight_bytes"],
+                     "weight_bytes_total": pol.cost["weight_bytes_total"], "onnx": rep["onnx"],
+                     "onnx_bytes": rep["sizes"].get("file_bytes"),
+                     "parity_agreement": rep["parity"]["top1_agreement"],
+                     "integer_layers": _integer_count(rep)})
+
+    # 6. latency: fp32 ONNX of the float model vs every quantized ONNX, alternated in one run
+    t0 = _step(callback, "latency", f"ONNX Runtime, batches {list(cfg.latency_batches)}, "
+                                    f"{cfg.latency_rounds} alternating rounds")
+    fp32 = float_dir / "model.fp32.onnx"
+    if not fp32.exists() or cfg.redo:
+        from .export.onnx_qdq import export_float
+
+        export_float(float_ckpt, fp32)
+    lat = alternate_latency({"float": str(fp32), **{r["label"]: r["onnx"] for r in rows}}, cfg.latency_batches,
+                            cfg.latency_rounds, cfg.latency_iters)
+    times["latency_s"] = time.perf_counter() - t0
+    times["total_s"] = time.perf_counter() - t_all
+    summary = {"config": asdict(cfg), "float": {"top1": train_report["top1"], "epochs": cfg.train_epochs,
+                                                "weight_bytes_total": _float_bytes(cfg.model, spec.num_classes, in_chans, size)},
+               "rows": rows, "latency": lat, "times": times, "machine": machine_info(), "versions": versions(),
+               "provenance": provenance(command="asga demo")}
+    atomic_write_json(root / "demo.json", summary)
+    from .report.demo import write_report
+
+    write_report(summary, root)
+    return summary
+
+
+def _integer_count(rep: dict) -> str:
+    k = rep.get("ort_integer_kernels") or {}
+    layers = k.get("layers", {})
+    return f"{sum(1 for v in layers.values() if v.get('integer'))}/{len(layers)}" if layers else "n/a"
+
+
+def _float_bytes(model: str, num_classes: int, in_chans: int, size: int) -> float:
+    from .cost import layer_costs
+    from .models import create_model
+
+    costs = layer_costs(create_model(model, num_classes, in_chans), (in_chans, size, size))
+    return float(sum(c.params for c in costs.values()) * 4)
+
+
+def alternate_latency(models: dict[str, str], batches, rounds: int, iters: int) -> dict:
+    """Return per-model, per-batch median latency (ms) over alternating rounds, and ratios to 'float'."""
+    import numpy as np
+
+    from .export.latency import input_shape, time_session
+    from .export.ort import default_threads, session
+
+    threads = default_threads()
+    sessions = {k: session(p, threads) for k, p in models.items()}
+    c, h, w = input_shape(next(iter(sessions.values())), None)
+    rng = np.random.default_rng(0)
+    out: dict = {"threads": threads, "rounds": rounds, "iters_per_round": iters, "batches": {}}
+    for b in batches:
+        x = rng.standard_normal((b, c, h, w)).astype(np.float32)
+        samples: dict[str, list[float]] = {k: [] for k in sessions}
+        for s in sessions.values():
+            time_session(s, x, 5, 1)  # warm-up
+        for _ in range(rounds):
+            for k, s in sessions.items():
+                samples[k] += time_session(s, x, 0, iters)
+        med = {k: float(np.median(v)) for k, v in samples.items()}
+        out["batches"][str(b)] = {"median_ms": med, "vs_float": {k: v / med["float"] for k, v in med.items()}}
+    if not out["batches"]:
+        raise AsgaError("no batch sizes to time")
+    return out
