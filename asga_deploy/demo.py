@@ -104,12 +104,12 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
 
     # 3. the policies to compare: searched, uniform at the same BitOPs, W8A8
     in_chans, size = spec.in_chans, spec.input_size
-    policies = {"asga": searched}
+    policies = {"ASGA": searched}
     for w, a in uniform_matches(cfg.model, cfg.budget_bitops, cfg.target, in_chans, size) + [(8, 8)]:
         p = pol_dir / f"{cfg.model}-w{w}a{a}.json"
         if not p.exists() or cfg.redo:
             uniform_policy(cfg.model, w, a, cfg.target, spec.num_classes, in_chans, size).save(p, force=True)
-        policies[f"uniform W{w}A{a}"] = p
+        policies[f"W{w}A{a}"] = p
 
     # 4. fine-tune and 5. export each
     rows = []

@@ -38,13 +38,14 @@ def demo(model: str = typer.Option("smallcnn", help="registered model name"),
         progress.close()
     batches = list(summary["latency"]["batches"])
     t = Table(title=f"{model} on {dataset}: float vs quantized (ONNX Runtime, {summary['latency']['threads']} threads)")
-    for col in ["policy", "top-1 %", "BitOPs % W8A8", "weights MB", "int convs"] + [
-            c for b in batches for c in (f"ms b{b}", f"speed-up b{b}")]:
+    for col in ["policy", "top-1%", "BitOPs%", "KB", "int"] + [c for b in batches for c in (f"ms b{b}", f"x b{b}")]:
         t.add_column(col, justify="left" if col == "policy" else "right")
     for r in summary_rows(summary):
         t.add_row(r["label"], f"{100 * r['top1']:.2f}",
                   "" if r["bitops_vs_w8a8"] is None else f"{100 * r['bitops_vs_w8a8']:.2f}",
-                  f"{r['weight_mb']:.4f}", r["integer_layers"],
+                  f"{1000 * r['weight_mb']:.1f}", r["integer_layers"],
                   *[c for b in batches for c in (f"{r[f'ms_b{b}']:.3f}", f"{r[f'x_b{b}']:.2f}x")])
     console.print(t)
+    console.print("BitOPs% of W8A8 (searched layers); KB: weights; int: layers on ONNX Runtime integer kernels; "
+                  "x: speed-up over fp32 in the same run")
     console.print(f"report: {out / 'report.md'}  (total {summary['times']['total_s'] / 60:.1f} min)")

@@ -12,7 +12,7 @@ from .plots import plot_scatter
 def summary_rows(summary: dict) -> list[dict]:
     """Return table rows (float first): label, top-1, BitOPs ratio, weight MB, latency and speed-up per batch."""
     lat = summary["latency"]["batches"]
-    rows = [{"label": "float (fp32)", "top1": summary["float"]["top1"], "bitops_vs_w8a8": None,
+    rows = [{"label": "float", "top1": summary["float"]["top1"], "bitops_vs_w8a8": None,
              "weight_mb": summary["float"]["weight_bytes_total"] / 1e6, "integer_layers": "",
              **{f"ms_b{b}": v["median_ms"]["float"] for b, v in lat.items()},
              **{f"x_b{b}": 1.0 for b in lat}}]
@@ -43,7 +43,7 @@ def write_report(summary: dict, root: str | Path) -> Path:
                  f"{r['weight_mb']:.4f}", r["integer_layers"]]
         cells += [c for b in batches for c in (f"{r[f'ms_b{b}']:.3f}", f"{r[f'x_b{b}']:.2f}x")]
         lines.append("| " + " | ".join(cells) + " |")
-    stem = Path(next(r["policy"] for r in summary["rows"] if r["label"] == "asga")).stem
+    stem = Path(next(r["policy"] for r in summary["rows"] if r["label"] == "ASGA")).stem
     pol_dir = root / "policies"
     plots = []
     for kind in ("bits", "rho", "cost"):
