@@ -1,0 +1,86 @@
+"""Cached steps shared by the transfer and front benchmarks: every result is a file, skipped when present.
+
+Run the benchmarks in the background across sittings: an interrupted step resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from asga_deploy.io import atomic_write_json, git_commit, machine_info, versions
+
+CACHE = Path(__file__).resolve().parent / "cache"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(msg: str) -> None:
+    """Print a timestamped progress line (benchmarks are scripts, not library code)."""
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def float_model(root: Path, model: str, dataset: str, epochs: int, seed: int = 0) -> dict:
+    """Train (or reuse) the float model; return its train.json."""
+    from asga_deploy.train import TrainConfig, run_train
+
+    rep = root / "float" / "train.json"
+    if rep.exists():
+        return json.loads(rep.read_text())
+    log(f"train float {model} {epochs} epochs")
+    cfg = TrainConfig(model=model, dataset=dataset, epochs=epochs, seed=seed, out_dir=str(root), run="float")
+    return run_train(cfg, resume=(root / "float" / "float.pt").exists()).report
+
+
+def search(root: Path, model: str, dataset: str, objective: str, seed: int, budget: float, subset: int | None,
+           epochs: int, float_ckpt: Path, tag: str | None = None, **overrides) -> dict:
+    """Search (or reuse) a policy; return {"policy": path, "metrics", "wall_s", "steps"}."""
+    from asga_deploy.search.proxy import proxy_data
+    from asga_deploy.search.run import SearchConfig, run_search
+
+    tag = tag or objective
+    name = f"{model}-{tag}-b{round(1000 * budget):03d}-s{seed}"
+    pol_path = root / "policies" / f"{name}.json"
+    meta_path = root / "policies" / f"{name}.meta.json"
+    if pol_path.exists() and meta_path.exists():
+        return json.loads(meta_path.read_text())
+    log(f"search {name} (subset {subset}, {epochs} epochs)")
+    cfg = SearchConfig(model=model, dataset=dataset, subset=subset, objective=objective, epochs=epochs, seed=seed,
+                       target="ort", budget_bitops=budget, init=str(float_ckpt), allow_diagnostics=True, **overrides)
+    run_dir = root / "search" / name
+    t0 = time.perf_counter()
+    res = run_search(cfg, proxy_data(cfg), out_dir=root / "policies", run_dir=run_dir, name=name, force=True,
+                     resume=(run_dir / "checkpoint.pt").exists(), command=f"benchmark {tag}")
+    meta = {"policy": str(pol_path), "metrics": res.metrics, "wall_s": time.perf_counter() - t0,
+            "objective": objective, "tag": tag, "seed": seed, "subset": subset, "epochs": epochs}
+    atomic_write_json(meta_path, meta)
+    return meta
+
+
+def finetune(root: Path, policy: Path, dataset: str, seed: int, epochs: int, float_ckpt: Path) -> dict:
+    """Fine-tune (or reuse) a policy with one seed; return finetune.json."""
+    from asga_deploy.finetune import FinetuneConfig, run_finetune
+
+    run = f"{policy.stem}-ft{seed}"
+    rep = root / "finetune" / run / "finetune.json"
+    if rep.exists():
+        return json.loads(rep.read_text())
+    log(f"finetune {run} ({epochs} epochs)")
+    cfg = FinetuneConfig(policy=str(policy), float_checkpoint=str(float_ckpt), dataset=dataset, epochs=epochs,
+                         seed=seed, out_dir=str(root / "finetune"), run=run)
+    return run_finetune(cfg, resume=(root / "finetune" / run / "finetuned.pt").exists()).report
+
+
+def spread(values: list[float]) -> dict:
+    """Return mean, standard deviation (0 for one value), min, max and count."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def write_result(name: str, command: str, settings: dict, results: dict, ratio: float | None = None) -> Path:
+    """Write benchmarks/results/<name>.json in the format of benchmarks.md."""
+    return atomic_write_json(RESULTS / f"{name}.json", {
+        "benchmark": name, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": git_commit(), "command": command, "machine": machine_info(), "versions": versions(),
+        "settings": settings, "results": results, "ratio": ratio})

@@ -1,0 +1,145 @@
+"""The paper's transfer claim at small scale (issue 6, method.md section 8), resumable.
+
+ResNet-20 (19 searched layers) on Fashion-MNIST. Search on a 1,000-image class-balanced proxy with
+asga, sam, sam-align and erm (EdMIPS); erm also on the full training set; uniform policies of the same
+BitOPs. Every policy is fine-tuned with the same recipe on the full training set with each fine-tune
+seed. A method wins only by more than the spread over fine-tune seeds.
+
+    python benchmarks/transfer.py                 # run / continue (every step cached)
+    python benchmarks/transfer.py --report-only   # rebuild the table from what is cached
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from chain import CACHE, RESULTS, finetune, float_model, log, search, spread, write_result
+
+METHODS = ("asga", "sam-align", "sam", "erm")
+
+
+def uniform_policies(root: Path, model: str, budget: float, in_chans: int, size: int) -> list[Path]:
+    """Write (once) and return the uniform policies whose BitOPs equal the budget."""
+    from asga_deploy.policy import uniform_policy
+
+    out = []
+    for w in range(2, 9):
+        for a in range(2, 9):
+            if 0.97 * budget <= w * a / 64 <= budget + 1e-12:
+                p = root / "policies" / f"{model}-w{w}a{a}.json"
+                if not p.exists():
+                    uniform_policy(model, w, a, "ort", 10, in_chans, size).save(p)
+                out.append(p)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--budget", type=float, default=0.125)
+    ap.add_argument("--float-epochs", type=int, default=6)
+    ap.add_argument("--search-epochs", type=int, default=15)
+    ap.add_argument("--full-search-epochs", type=int, default=1, help="erm on the full training set")
+    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--search-seeds", type=int, default=3)
+    ap.add_argument("--finetune-seeds", type=int, default=2)
+    ap.add_argument("--proxy", type=int, default=1000)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    root = CACHE / f"transfer-{args.model}-b{round(1000 * args.budget):03d}"
+    in_chans, size = 1, 28
+    runs: dict[str, list[dict]] = {}
+
+    def collect(label: str, policy: Path, search_meta: dict | None) -> None:
+        for fs in range(args.finetune_seeds):
+            rep_path = root / "finetune" / f"{policy.stem}-ft{fs}" / "finetune.json"
+            if args.report_only and not rep_path.exists():
+                continue
+            ft = finetune(root, policy, args.dataset, fs, args.finetune_epochs, float_ckpt)
+            runs.setdefault(label, []).append({"policy": policy.stem, "finetune_seed": fs, "top1": ft["top1"],
+                                               "finetune_s": ft["time_s"], "search": search_meta})
+
+    if not args.report_only:
+        fl = float_model(root, args.model, args.dataset, args.float_epochs)
+        log(f"float top-1 {fl['top1']:.4f}")
+    float_ckpt = root / "float" / "float.pt"
+    for p in uniform_policies(root, args.model, args.budget, in_chans, size):
+        collect(f"uniform {p.stem.split('-')[-1].upper()}", p, None)
+    for seed in range(args.search_seeds):  # seeds outer: a partial run covers every method
+        for method in METHODS:
+            name = f"{args.model}-{method}-b{round(1000 * args.budget):03d}-s{seed}"
+            if args.report_only and not (root / "policies" / f"{name}.meta.json").exists():
+                continue
+            meta = search(root, args.model, args.dataset, method, seed, args.budget, args.proxy,
+                          args.search_epochs, float_ckpt)
+            collect(method, Path(meta["policy"]), meta)
+    name = f"{args.model}-erm-full-b{round(1000 * args.budget):03d}-s0"
+    if not args.report_only or (root / "policies" / f"{name}.meta.json").exists():
+        meta = search(root, args.model, args.dataset, "erm", 0, args.budget, None, args.full_search_epochs,
+                      float_ckpt, tag="erm-full")
+        collect("erm (full train set)", Path(meta["policy"]), meta)
+    return report(root, args, runs)
+
+
+def report(root: Path, args, runs: dict[str, list[dict]]) -> int:
+    """Aggregate the cached runs into benchmarks/results/transfer.{json,md,png}."""
+    import json
+
+    from asga_deploy.policy import Policy
+    from asga_deploy.report.plots import plot_scatter
+
+    float_top1 = json.loads((root / "float" / "train.json").read_text())["top1"]
+    table = {}
+    for label, rs in runs.items():
+        pols = {r["policy"]: Policy.load(root / "policies" / f"{r['policy']}.json") for r in rs}
+        # the spread that decides a win: over fine-tune seeds of the same policy
+        by_policy: dict[str, list[float]] = {}
+        for r in rs:
+            by_policy.setdefault(r["policy"], []).append(r["top1"])
+        ft_spread = max((spread(v)["std"] for v in by_policy.values() if len(v) > 1), default=0.0)
+        searches = [r["search"] for r in rs if r["search"]]
+        uniform = [p for p in pols.values() if len({(b.weight_bits, b.act_bits) for n, b in p.layers.items()
+                                                     if n not in p.cost["excluded"]}) == 1]
+        table[label] = {"top1": spread([r["top1"] for r in rs]), "finetune_seed_std": ft_spread,
+                        "bitops_vs_w8a8": spread([p.cost["bitops_vs_w8a8"] for p in pols.values()]),
+                        "weight_bytes": spread([p.cost["weight_bytes"] for p in pols.values()]),
+                        "policies": len(pols), "uniform_returned": len(uniform),
+                        "search_wall_s": spread([s["wall_s"] for s in searches]) if searches else None,
+                        "runs": rs}
+    base = max((v["top1"]["mean"] for k, v in table.items() if k.startswith("uniform")), default=None)
+    for k, v in table.items():
+        if base is not None and not k.startswith("uniform"):
+            d = v["top1"]["mean"] - base
+            v["vs_best_uniform_points"] = 100 * d
+            v["win"] = d > v["finetune_seed_std"] and d > 0
+    settings = {k: v for k, v in vars(args).items() if k != "report_only"}
+    settings["ratio_definition"] = "mean top-1 of asga minus mean top-1 of the best uniform policy (points)"
+    asga = table.get("asga", {}).get("vs_best_uniform_points")
+    out = write_result("transfer", "python benchmarks/transfer.py " + " ".join(sys.argv[1:]), settings,
+                       {"float_top1": float_top1, "methods": table}, asga)
+    lines = ["| method | top-1 % (mean ± std) | n | ft-seed std | BitOPs % | weight KB | uniform returned | "
+             "search s | vs best uniform (pts) |", "|---|---|---|---|---|---|---|---|---|"]
+    for k, v in table.items():
+        s = v["search_wall_s"]
+        search_s = "" if s is None else f"{s['mean']:.0f}"
+        vs = "" if "vs_best_uniform_points" not in v else f"{v['vs_best_uniform_points']:+.2f}"
+        lines.append(f"| {k} | {100 * v['top1']['mean']:.2f} ± {100 * v['top1']['std']:.2f} | {v['top1']['n']} | "
+                     f"{100 * v['finetune_seed_std']:.2f} | {100 * v['bitops_vs_w8a8']['mean']:.2f} | "
+                     f"{v['weight_bytes']['mean'] / 1e3:.1f} | {v['uniform_returned']}/{v['policies']} | "
+                     f"{search_s} | {vs} |")
+    md = RESULTS / "transfer.md"
+    md.write_text(f"# transfer ({args.model}, {args.dataset}, budget {100 * args.budget:g}% of W8A8)\n\n"
+                  f"float top-1 {100 * float_top1:.2f}%\n\n" + "\n".join(lines) + "\n")
+    pts = {k: (v["search_wall_s"]["mean"], 100 * v["top1"]["mean"]) for k, v in table.items() if v["search_wall_s"]}
+    if pts:
+        plot_scatter(pts, RESULTS / "transfer_acc_vs_search_time.png", "search wall time (s)", "top-1 (%)",
+                     title="accuracy vs search time")
+    log(f"wrote {out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
