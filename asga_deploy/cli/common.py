@@ -15,6 +15,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 from ..errors import AsgaError
 from ..progress import ProgressEvent
@@ -43,6 +44,16 @@ def handle_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """Return a two-column (name, value) rich table for a command's summary."""
+    table = Table(title=title, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
 
 
 def _fmt(v) -> str:

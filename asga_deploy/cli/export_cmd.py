@@ -8,16 +8,7 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import RichProgress, console, handle_errors
-
-
-def _table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
+from .common import RichProgress, console, handle_errors, kv_table
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -85,7 +76,7 @@ def export(
         t = r["tensorrt"]
         rows.append(("tensorrt", f"{t['build']['engine']}; p50 ms {t['p50_ms']}; not INT8: "
                      f"{t['precision_check']['not_int8'] if t['precision_check'] else 'n/a'}"))
-    console.print(_table(f"asga export {policy.name} (target {r['target']}, opset {r['opset']})", rows))
+    console.print(kv_table(f"asga export {policy.name} (target {r['target']}, opset {r['opset']})", rows))
 
 
 @app.command("profile")

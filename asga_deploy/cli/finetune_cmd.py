@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import RichProgress, console, handle_errors
-from .train_cmd import KEYS, _history, _top1_table
+from .common import RichProgress, console, handle_errors, kv_table
+from .train_cmd import KEYS, _history
 
 
 @app.command("finetune")
@@ -60,7 +60,7 @@ def finetune(
         progress.close()
     if res.is_main:
         r = res.report
-        console.print(_top1_table(f"asga finetune {policy.name} ({r['model']}, target {r['target']})", [
+        console.print(kv_table(f"asga finetune {policy.name} ({r['model']}, target {r['target']})", [
             ("checkpoint", str(res.checkpoint)), ("report", str(res.report_path)),
             ("float top-1", f"{r['float_top1']:.4f}"), ("top-1 per epoch", _history(r)),
             ("final top-1", f"{r['top1']:.4f} on {r['test_count']} test images"),

@@ -8,19 +8,11 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import RichProgress, console, handle_errors
+from .common import RichProgress, console, handle_errors, kv_table
 
 # what the progress bar (steps) and the per-epoch lines show
 KEYS = ("loss", "acc", "img/s", "train_loss", "train_top1", "test_top1")
 
-
-def _top1_table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
 
 
 def _history(report: dict) -> str:
@@ -66,7 +58,7 @@ def train(
         progress.close()
     if res.is_main:
         r = res.report
-        console.print(_top1_table(f"asga train {model} on {dataset}", [
+        console.print(kv_table(f"asga train {model} on {dataset}", [
             ("checkpoint", str(res.checkpoint)), ("report", str(res.report_path)),
             ("epochs", str(len(r["top1_per_epoch"]))), ("top-1 per epoch", _history(r)),
             ("final top-1", f"{r['top1']:.4f} on {r['test_count']} test images"),
@@ -97,7 +89,7 @@ def eval_cmd(
             ("top-1", f"{res['top1']:.4f}")]
     if res.get("loss") is not None:  # ONNX evaluation reports accuracy only
         rows.append(("loss", f"{res['loss']:.4f}"))
-    console.print(_top1_table(f"asga eval {checkpoint}", rows))
+    console.print(kv_table(f"asga eval {checkpoint}", rows))
 
 
 @app.command("models")
