@@ -10,14 +10,8 @@ import typer
 app = typer.Typer(name="asga", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Search, fine-tune and export mixed-precision quantized CNNs (ASGA).")
 
-from . import policy_cmd  # noqa: E402,F401  (registers commands)
-
-for _mod in ("train_cmd", "search_cmd", "finetune_cmd", "export_cmd", "demo_cmd"):
-    try:  # command groups land one by one; a missing module simply registers nothing
-        __import__(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_mod}":
-            raise
+# each module registers its commands on `app` (order = order in --help)
+from . import train_cmd, search_cmd, finetune_cmd, export_cmd, demo_cmd, policy_cmd  # noqa: E402,F401,I001
 
 
 def main() -> None:
