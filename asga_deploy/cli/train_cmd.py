@@ -24,7 +24,7 @@ def _history(report: dict) -> str:
 def train(
     model: str = typer.Option("smallcnn", help="registered model name (asga models)"),
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist, cifar10, imagefolder or fake"),
-    epochs: int = typer.Option(3, min=1, help="epochs (3 give smallcnn 91%% on Fashion-MNIST)"),
+    epochs: int = typer.Option(3, min=1, help="epochs (3 give smallcnn 91% top-1 on Fashion-MNIST)"),
     batch_size: int = typer.Option(128, min=1, help="batch size per process"),
     lr: float = typer.Option(0.1, help="peak learning rate (SGD, Nesterov, cosine decay)"),
     weight_decay: float = typer.Option(5e-4, help="weight decay"),
