@@ -40,7 +40,7 @@ class DemoConfig:
     redo: bool = False
 
 
-def uniform_matches(model: str, budget: float, target: str, in_chans: int, size: int) -> list[tuple[int, int]]:
+def uniform_matches(budget: float, target: str) -> list[tuple[int, int]]:
     """Return the uniform (w, a) pairs whose BitOPs ratio is the budget (within 3% below it)."""
     from .targets import get_target
 
@@ -105,7 +105,7 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
     # 3. the policies to compare: searched, uniform at the same BitOPs, W8A8
     in_chans, size = spec.in_chans, spec.input_size
     policies = {"ASGA": searched}
-    for w, a in uniform_matches(cfg.model, cfg.budget_bitops, cfg.target, in_chans, size) + [(8, 8)]:
+    for w, a in uniform_matches(cfg.budget_bitops, cfg.target) + [(8, 8)]:
         p = pol_dir / f"{cfg.model}-w{w}a{a}.json"
         if not p.exists() or cfg.redo:
             uniform_policy(cfg.model, w, a, cfg.target, spec.num_classes, in_chans, size).save(p, force=True)
