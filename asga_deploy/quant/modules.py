@@ -19,6 +19,18 @@ def input_quantizer(bits: int, signed: bool) -> FakeQuantizer:
     return FakeQuantizer(bits, signed=signed)
 
 
+def shell_like(layer: nn.Conv2d | nn.Linear, cls: type) -> nn.Module:
+    """Return a `cls` instance with layer's hyper-parameters that shares its weight and bias (no copy)."""
+    kw = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    if isinstance(layer, nn.Conv2d):
+        m = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **kw)
+    else:
+        m = cls(layer.in_features, layer.out_features, layer.bias is not None, **kw)
+    m.weight, m.bias = layer.weight, layer.bias
+    return m
+
+
 class _QuantMixin:
     weight_quantizer: FakeQuantizer
     input_quantizer: FakeQuantizer
@@ -38,10 +50,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_bits: int, act_bits: int, act_signed: bool) -> QuantConv2d:
         """Return a quantized copy of conv sharing its parameters."""
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                device=conv.weight.device, dtype=conv.weight.dtype)
-        q.weight, q.bias = conv.weight, conv.bias
+        q = shell_like(conv, cls)
         q.weight_quantizer = weight_quantizer(weight_bits, conv.out_channels).to(conv.weight.device)
         q.input_quantizer = input_quantizer(act_bits, act_signed).to(conv.weight.device)
         q.weight_quantizer.init_mse(conv.weight)
@@ -57,9 +66,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     @classmethod
     def from_float(cls, lin: nn.Linear, weight_bits: int, act_bits: int, act_signed: bool) -> QuantLinear:
         """Return a quantized copy of lin sharing its parameters."""
-        q = cls(lin.in_features, lin.out_features, lin.bias is not None,
-                device=lin.weight.device, dtype=lin.weight.dtype)
-        q.weight, q.bias = lin.weight, lin.bias
+        q = shell_like(lin, cls)
         q.weight_quantizer = weight_quantizer(weight_bits, lin.out_features).to(lin.weight.device)
         q.input_quantizer = input_quantizer(act_bits, act_signed).to(lin.weight.device)
         q.weight_quantizer.init_mse(lin.weight)

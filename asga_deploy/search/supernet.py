@@ -14,7 +14,7 @@ from torch import nn
 from ..cost import LayerCost, w8a8_bitops
 from ..errors import PolicyError, UnsupportedTargetError
 from ..policy import LayerBits, Policy, compute_cost
-from ..quant.modules import input_quantizer, weight_quantizer
+from ..quant.modules import input_quantizer, shell_like, weight_quantizer
 from ..targets import BITS_RANGE, get_target
 from .mixquant import mixed_quantize
 
@@ -76,10 +76,7 @@ class MixedConv2d(_MixedMixin, nn.Conv2d):
     def from_float(cls, conv: nn.Conv2d, w_bits, a_bits, act_signed: bool, calib_input: torch.Tensor,
                    alpha_init: float = 0.01) -> MixedConv2d:
         """Return a mixed copy of conv sharing its weight and bias."""
-        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                device=conv.weight.device, dtype=conv.weight.dtype)
-        m.weight, m.bias = conv.weight, conv.bias
+        m = shell_like(conv, cls)
         m._init_mixed(w_bits, a_bits, act_signed, calib_input, alpha_init)
         return m
 
@@ -95,9 +92,7 @@ class MixedLinear(_MixedMixin, nn.Linear):
     def from_float(cls, lin: nn.Linear, w_bits, a_bits, act_signed: bool, calib_input: torch.Tensor,
                    alpha_init: float = 0.01) -> MixedLinear:
         """Return a mixed copy of lin sharing its weight and bias."""
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None,
-                device=lin.weight.device, dtype=lin.weight.dtype)
-        m.weight, m.bias = lin.weight, lin.bias
+        m = shell_like(lin, cls)
         m._init_mixed(w_bits, a_bits, act_signed, calib_input, alpha_init)
         return m
 
