@@ -95,6 +95,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
     (["--act-bits", "4,9"], "each must be in 2..8"),
     (["--subset", "4000"], "subset of 4000 images asked"),
     (["--objective", "adam"], "objective 'adam' unknown"),
+    (["--objective", "sam-align", "--rho-rule", "rel"], "--rho-rule rel applies to asga only"),
 ])
 def test_bad_inputs_fail_in_one_line_and_write_nothing(cli, one_error_line, tmp_path, monkeypatch, args, expect):
     monkeypatch.chdir(tmp_path)

@@ -110,3 +110,12 @@ def test_sam_uses_fixed_radius_and_no_gamma():
     assert st.gamma == 0.0 and st.radius.rule == "fixed"
     stats = st.step(*batches(1, 8)[0])
     assert stats["rho"] == 0.1 and stats["loss_adv"] != stats["loss"]
+
+
+def test_config_records_the_radius_rule_each_objective_runs():
+    from asga_deploy.search.run import SearchConfig
+
+    rules = {o: SearchConfig(model="tinynet", dataset="fake", objective=o).rho_rule
+             for o in ("asga", "sam-align", "sam", "erm")}
+    assert rules == {"asga": "rel", "sam-align": "fixed", "sam": "fixed", "erm": "rel"}
+    assert SearchConfig(model="tinynet", dataset="fake", rho_rule="literal").rho_rule == "literal"

@@ -68,12 +68,16 @@ class SearchConfig:
     gamma: float = 0.001
     epsilon: float = 0.1
     rho_min: float = 0.01
-    rho_rule: str = "rel"
+    rho_rule: str | None = None  # None: "rel" for asga and erm; sam and sam-align always use "fixed" (method.md 4)
     alpha_data: str = "same"  # "same" batch, or "heldout" proxy batches (first-order bi-level)
     heldout_fraction: float = 0.2
     init: str = "scratch"  # "scratch", "torchvision", or a float checkpoint path
     cost_input_size: int | None = None  # MACs at the TARGET input size (default: the data's)
     allow_diagnostics: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rho_rule is None:  # record the rule that runs: the ablation's baselines keep rho = epsilon
+            object.__setattr__(self, "rho_rule", "fixed" if self.objective in ("sam", "sam-align") else "rel")
 
 
 @dataclass
@@ -145,6 +149,9 @@ def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, str, f
                                ("edge bits", cfg.edge_bits, ("8", "float"))):
         if val not in allowed:
             raise AsgaError(f"{name} {val!r} unknown; choose one of {', '.join(allowed)}")
+    if cfg.objective in ("sam", "sam-align") and cfg.rho_rule != "fixed":
+        raise AsgaError(f"--rho-rule {cfg.rho_rule} applies to asga only: {cfg.objective} keeps rho = epsilon "
+                        "(the ablation of method.md section 4); drop --rho-rule or use --objective asga")
     check_bits(cfg.weight_bits, "weight")
     check_bits(cfg.act_bits, "activation")
     if cfg.budget_bitops is not None and cfg.budget_weight_mb is not None:
