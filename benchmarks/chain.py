@@ -58,17 +58,19 @@ def search(root: Path, model: str, dataset: str, objective: str, seed: int, budg
     return meta
 
 
-def finetune(root: Path, policy: Path, dataset: str, seed: int, epochs: int, float_ckpt: Path) -> dict:
-    """Fine-tune (or reuse) a policy with one seed; return finetune.json."""
+def finetune(root: Path, policy: Path, dataset: str, seed: int, epochs: int, float_ckpt: Path,
+             train_limit: int | None = None) -> dict:
+    """Fine-tune (or reuse) a policy with one seed (on a seeded class-balanced subset of train_limit images, if
+    given); return finetune.json."""
     from asga_deploy.finetune import FinetuneConfig, run_finetune
 
     run = f"{policy.stem}-ft{seed}"
     rep = root / "finetune" / run / "finetune.json"
     if rep.exists():
         return json.loads(rep.read_text())
-    log(f"finetune {run} ({epochs} epochs)")
+    log(f"finetune {run} ({epochs} epochs, {train_limit or 'all'} training images)")
     cfg = FinetuneConfig(policy=str(policy), float_checkpoint=str(float_ckpt), dataset=dataset, epochs=epochs,
-                         seed=seed, out_dir=str(root / "finetune"), run=run)
+                         seed=seed, out_dir=str(root / "finetune"), run=run, train_limit=train_limit)
     return run_finetune(cfg, resume=(root / "finetune" / run / "finetuned.pt").exists()).report
 
 
