@@ -301,7 +301,7 @@ def smallcnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     return SmallCNN(num_classes, in_chans)
 
 
-@register_model("resnet20", 32, "CIFAR-style ResNet-20 (19 searched layers + 2 projections)")
+@register_model("resnet20", 32, "CIFAR-style ResNet-20 (20 searched: 18 3x3 convs + 2 projections)")
 def resnet20(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return CifarResNet(20, num_classes, in_chans)
 
