@@ -1,10 +1,11 @@
 """The paper's transfer claim at small scale (issue 6, method.md section 8), resumable.
 
 ResNet-20 (20 searched convs, first conv and classifier at 8 bits) on Fashion-MNIST. Search on a
-1,000-image class-balanced proxy with asga, sam, sam-align and erm (EdMIPS); erm also on the full training
-set; uniform policies of the same BitOPs. Every policy is fine-tuned with the same recipe with each fine-tune seed (by default one epoch on a
-seeded class-balanced half of the training set: the table then fits in about 2 hours on 2 cores). A method
-wins only by more than the spread over fine-tune seeds. Cache: benchmarks/cache/transfer-<model>/{float,b<budget>}.
+1,000-image class-balanced proxy with asga, sam, sam-align and erm (EdMIPS); erm also on the full
+training set; uniform policies of the same BitOPs. Every policy is fine-tuned with the same recipe with
+each fine-tune seed (by default one epoch on a seeded class-balanced half of the training set: the table
+then fits in about 2 hours on 2 cores). A method wins only by more than the spread over fine-tune
+seeds. Cache: benchmarks/cache/transfer-<model>/{float,b<budget>}.
 
     python benchmarks/transfer.py                 # run / continue (every step cached)
     python benchmarks/transfer.py --threads 1 &   # or: one single-thread worker per core, sharing the
