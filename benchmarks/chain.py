@@ -58,6 +58,12 @@ def search(root: Path, model: str, dataset: str, objective: str, seed: int, budg
     return meta
 
 
+def search_log(root: Path, stem: str) -> list[dict]:
+    """Return the per-step records of the cached search that wrote policy <stem>."""
+    text = (root / "search" / stem / "log.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def finetune(root: Path, policy: Path, dataset: str, seed: int, epochs: int, float_ckpt: Path,
              train_limit: int | None = None) -> dict:
     """Fine-tune (or reuse) a policy with one seed (on a seeded class-balanced subset of train_limit images, if

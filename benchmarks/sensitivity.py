@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from chain import CACHE, RESULTS, log, search, write_result
+from chain import CACHE, RESULTS, log, search, search_log, write_result
 from transfer import DEFAULT_BUDGET, claim
 from transfer_analysis import agreement, per_epoch
 
@@ -64,8 +64,7 @@ def main(argv=None) -> int:
     table = {}
     for label, meta in rows.items():
         stem = Path(meta["policy"]).stem
-        lines = (root / "search" / stem / "log.jsonl").read_text().splitlines()
-        log_rows = [json.loads(x) for x in lines if x.strip()]
+        log_rows = search_log(root, stem)
         bits = Policy.load(meta["policy"]).bits()
         table[label] = {
             "policy": stem, "layers_same_as_default": agreement(bits, base_bits),

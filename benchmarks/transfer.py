@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from chain import CACHE, RESULTS, finetune, float_model, log, search, spread, write_result
+from chain import CACHE, RESULTS, finetune, float_model, log, search, search_log, spread, write_result
 
 METHODS = ("asga", "sam-align", "sam", "erm")
 DEFAULT_BUDGET = 0.09375  # W2A3 / W3A2: at 0.125 uniform W2A4 lost only 0.37 points to float (one seed)
@@ -145,8 +145,7 @@ def main(argv=None) -> int:
 
 def search_steps(root: Path, meta: dict) -> int:
     """Return the number of search steps a cached search logged."""
-    log_path = root / "search" / Path(meta["policy"]).stem / "log.jsonl"
-    return sum(1 for line in log_path.read_text().splitlines() if line.strip())
+    return len(search_log(root, Path(meta["policy"]).stem))
 
 
 def report(root: Path, float_report: Path, args, runs: dict[str, list[dict]]) -> int:

@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from chain import CACHE, RESULTS, log, spread, write_result
+from chain import CACHE, RESULTS, log, search_log, spread, write_result
 
 
 def per_epoch(log_rows: list[dict], key: str) -> list[float]:
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         pol_path = Path(meta["policy"])
         stem = pol_path.stem
         run_dir = root / "search" / stem
-        rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        rows = search_log(root, stem)
         pol = Policy.load(pol_path)
         tops = [json.loads(p.read_text())["top1"] for p in sorted((root / "finetune").glob(f"{stem}-ft*/finetune.json"))]
         cfg = pol.provenance.get("config", {})
