@@ -19,11 +19,11 @@ COPY asga_deploy ./asga_deploy
 COPY tests ./tests
 COPY policies ./policies
 
-# pyproject pins torch==2.14.1/torchvision==0.29.1 for the CPU machines' local wheel cache; here the image's
+# The CPU machines pin torch/torchvision through constraints.txt; here the image's
 # own CUDA builds (and its pip constraints) must stay, so the package goes in with --no-deps and its other
 # dependencies, the [onnx] extra and pytest are named explicitly. The [trt] extra (tensorrt) is the image's.
 RUN pip install --no-deps . \
- && pip install "typer>=0.12" "rich>=13" "numpy>=1.24" "matplotlib>=3.7" \
+ && pip install "typer>=0.12" "rich>=13" "numpy>=1.24" "matplotlib>=3.7" "scipy>=1.9" \
         "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.1" "pytest>=8" \
  && python -c "import tensorrt, torch, torchvision, onnx, onnxruntime, asga_deploy; \
 print('tensorrt', tensorrt.__version__, 'torch', torch.__version__, 'asga-deploy', asga_deploy.__version__)"

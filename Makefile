@@ -6,9 +6,9 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test install data lint clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[onnx,dev]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[onnx,dev]'
 	touch $@
 
 install: $(VENV)/.installed

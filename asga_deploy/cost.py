@@ -87,3 +87,40 @@ def weight_bytes(bits: Mapping[str, tuple[int, int]], costs: Mapping[str, LayerC
 def w8a8_bitops(names: Iterable[str], costs: Mapping[str, LayerCost]) -> int:
     """Return the BitOPs of the given layers at W8A8: the reference of every BitOPs ratio."""
     return sum(costs[n].bitops(8, 8) for n in names)
+
+
+METRICS = ("bitops", "size")  # size: weight storage, counted in bits (bytes * 8) so that costs stay integers
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """What each counted layer costs for each (w, a) choice under each metric, and the W8A8 references.
+
+    `counted` are the layers a budget counts (the searched ones; the first conv and the classifier are
+    excluded by the EdMIPS convention). Costs are integers: BitOPs, and weight bits for size.
+    """
+
+    layers: Mapping[str, LayerCost]
+    counted: tuple[str, ...]
+
+    def unit_cost(self, metric: str, name: str, weight_bits: int, act_bits: int) -> int:
+        """Return one layer's cost of a (w, a) choice in the metric's integer unit."""
+        c = self.layers[name]
+        if metric == "bitops":
+            return c.bitops(weight_bits, act_bits)
+        if metric == "size":
+            return c.params * weight_bits
+        raise ValueError(f"unknown cost metric {metric!r}; known: {', '.join(METRICS)}")
+
+    def total(self, metric: str, bits: Mapping[str, tuple[int, int]]) -> int:
+        """Return the cost of the counted layers of a {layer: (w, a)} choice."""
+        return sum(self.unit_cost(metric, n, *bits[n]) for n in self.counted if n in bits)
+
+    def reference(self, metric: str) -> int:
+        """Return the cost of W8A8 on every counted layer: the reference of every ratio."""
+        return sum(self.unit_cost(metric, n, 8, 8) for n in self.counted)
+
+    def ratio(self, metric: str, bits: Mapping[str, tuple[int, int]]) -> float:
+        """Return total / reference (0 when nothing is counted)."""
+        ref = self.reference(metric)
+        return self.total(metric, bits) / ref if ref else 0.0

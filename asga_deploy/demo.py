@@ -12,9 +12,24 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import AsgaError
+from . import data as D
+from .budget import Budget
+from .cost import layer_costs
+from .export.onnx_qdq import export_float
+from .export.ort import ParityConfig
+from .export.run import ExportConfig, run_export
+from .export.timing import alternate_latency
+from .finetune import FinetuneConfig, run_finetune
 from .io import atomic_write_json, machine_info, provenance, versions
+from .models import create_model, model_info
+from .naming import artifact_stem, uniform_stem
+from .policy import Policy, model_cost_table, uniform_policy
 from .progress import Callback, ProgressEvent, emit
+from .report.demo import write_report
+from .search.proxy import proxy_data
+from .search.run import SearchConfig, run_search
+from .targets import get_target
+from .train import TrainConfig, run_train
 
 
 @dataclass(frozen=True)
@@ -40,15 +55,6 @@ class DemoConfig:
     redo: bool = False
 
 
-def uniform_matches(budget: float, target: str) -> list[tuple[int, int]]:
-    """Return the uniform (w, a) pairs whose BitOPs ratio is the budget (within 3% below it)."""
-    from .targets import get_target
-
-    t = get_target(target)
-    return [(w, a) for w in t.weight_bits for a in t.act_bits(False)
-            if 0.97 * budget <= w * a / 64 <= budget + 1e-12]
-
-
 def _step(callback, name: str, message: str) -> float:
     emit(callback, ProgressEvent("info", "demo", message=f"[{name}] {message}"))
     return time.perf_counter()
@@ -56,18 +62,15 @@ def _step(callback, name: str, message: str) -> float:
 
 def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
     """Run the chain; return the summary (also written to <out>/demo.json and report.md)."""
-    from . import data as D
-    from .export.run import ExportConfig, run_export
-    from .finetune import FinetuneConfig, run_finetune
-    from .models import model_info
-    from .policy import Policy, uniform_policy
-    from .search.proxy import proxy_data
-    from .search.run import SearchConfig, run_search
-    from .train import TrainConfig, run_train
-
     root = Path(cfg.out_dir)
     spec = D.dataset_spec(cfg.dataset, cfg.data_dir)  # fails early, naming where it looked
     model_info(cfg.model)
+    target = get_target(cfg.target)
+    budget = Budget.from_options(bitops=cfg.budget_bitops)
+    in_chans, size = spec.in_chans, spec.input_size
+    table = model_cost_table(cfg.model, spec.num_classes, in_chans, size)
+    budget.check_feasible(table, {n: [(w, a) for w in target.weight_bits
+                                      for a in target.act_bits(table.layers[n].input_signed)] for n in table.counted})
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -85,7 +88,7 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
     times["train_s"] = time.perf_counter() - t0
 
     # 2. ASGA search on the proxy
-    stem = f"{cfg.model}-asga-b{round(1000 * cfg.budget_bitops):03d}"
+    stem = artifact_stem(cfg.model, "asga", budget.tag(), cfg.target)
     pol_dir = root / "policies"
     searched = pol_dir / f"{stem}.json"
     t0 = _step(callback, "search", f"ASGA on a {cfg.proxy_size}-image proxy, budget {100 * cfg.budget_bitops:g}% "
@@ -103,10 +106,9 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
     times["search_s"] = time.perf_counter() - t0
 
     # 3. the policies to compare: searched, uniform at the same BitOPs, W8A8
-    in_chans, size = spec.in_chans, spec.input_size
     policies = {"ASGA": searched}
-    for w, a in uniform_matches(cfg.budget_bitops, cfg.target) + [(8, 8)]:
-        p = pol_dir / f"{cfg.model}-w{w}a{a}.json"
+    for w, a in budget.uniform_matches(table, target) + [target.highest(False)]:
+        p = pol_dir / f"{uniform_stem(cfg.model, w, a, cfg.target)}.json"
         if not p.exists() or cfg.redo:
             uniform_policy(cfg.model, w, a, cfg.target, spec.num_classes, in_chans, size).save(p, force=True)
         policies[f"W{w}A{a}"] = p
@@ -130,8 +132,6 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
         if rep_path.exists() and not cfg.redo and json.loads(rep_path.read_text()).get("status") == "ok":
             rep = json.loads(rep_path.read_text())
         else:
-            from .export.ort import ParityConfig
-
             ecfg = ExportConfig(policy=str(path), checkpoint=str(root / pstem / "finetuned.pt"), target=cfg.target,
                                 out_dir=str(root / pstem), data_dir=cfg.data_dir,
                                 parity=ParityConfig(images=cfg.parity_images))
@@ -150,8 +150,6 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
                                     f"{cfg.latency_rounds} alternating rounds")
     fp32 = float_dir / "model.fp32.onnx"
     if not fp32.exists() or cfg.redo:
-        from .export.onnx_qdq import export_float
-
         export_float(float_ckpt, fp32)
     lat = alternate_latency({"float": str(fp32), **{r["label"]: r["onnx"] for r in rows}}, cfg.latency_batches,
                             cfg.latency_rounds, cfg.latency_iters)
@@ -162,8 +160,6 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
                "rows": rows, "latency": lat, "times": times, "machine": machine_info(), "versions": versions(),
                "provenance": provenance(command="asga demo")}
     atomic_write_json(root / "demo.json", summary)
-    from .report.demo import write_report
-
     write_report(summary, root)
     return summary
 
@@ -175,35 +171,5 @@ def _integer_count(rep: dict) -> str:
 
 
 def _float_bytes(model: str, num_classes: int, in_chans: int, size: int) -> float:
-    from .cost import layer_costs
-    from .models import create_model
-
     costs = layer_costs(create_model(model, num_classes, in_chans), (in_chans, size, size))
     return float(sum(c.params for c in costs.values()) * 4)
-
-
-def alternate_latency(models: dict[str, str], batches, rounds: int, iters: int) -> dict:
-    """Return per-model, per-batch median latency (ms) over alternating rounds, and ratios to 'float'."""
-    import numpy as np
-
-    from .export.latency import input_shape, time_session
-    from .export.ort import default_threads, session
-
-    threads = default_threads()
-    sessions = {k: session(p, threads) for k, p in models.items()}
-    c, h, w = input_shape(next(iter(sessions.values())), None)
-    rng = np.random.default_rng(0)
-    out: dict = {"threads": threads, "rounds": rounds, "iters_per_round": iters, "batches": {}}
-    for b in batches:
-        x = rng.standard_normal((b, c, h, w)).astype(np.float32)
-        samples: dict[str, list[float]] = {k: [] for k in sessions}
-        for s in sessions.values():
-            time_session(s, x, 5, 1)  # warm-up
-        for _ in range(rounds):
-            for k, s in sessions.items():
-                samples[k] += time_session(s, x, 0, iters)
-        med = {k: float(np.median(v)) for k, v in samples.items()}
-        out["batches"][str(b)] = {"median_ms": med, "vs_float": {k: v / med["float"] for k, v in med.items()}}
-    if not out["batches"]:
-        raise AsgaError("no batch sizes to time")
-    return out

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from . import data
+from .checkpoint import load_model
 from .dist import DistInfo, all_reduce_sum, init_distributed, shutdown
-from .errors import AsgaError, CheckpointError, DatasetError
+from .errors import CheckpointError, DatasetError
+from .export.ort import evaluate_onnx
 from .progress import Callback, ProgressEvent, emit
 
 
@@ -40,28 +43,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
             "count": count}
 
 
-def model_from_checkpoint(ckpt: dict, source: str = "<checkpoint>") -> nn.Module:
-    """Rebuild the model a float or finetuned checkpoint holds (policy applied first) and load its weights."""
-    from .models import create_model
-    from .policy import Policy
-    from .quant import apply_policy
-
-    try:
-        name, classes, chans = ckpt["model_name"], int(ckpt["num_classes"]), int(ckpt["in_chans"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{source} lacks model_name/num_classes/in_chans entries") from None
-    model = create_model(name, num_classes=classes, in_chans=chans)
-    if ckpt.get("kind") == "finetuned":
-        policy = Policy.from_dict(ckpt.get("policy"), f"{source} (embedded policy)")
-        apply_policy(model, policy, validate=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        first = str(e).replace("\n", " ")[:300]
-        raise CheckpointError(f"{source} does not fit model {name}: {first}") from None
-    return model
-
-
 def check_classes(dataset_name: str, dataset_classes: int, model_classes: int, source: str) -> None:
     """Raise DatasetError when a dataset's class count differs from a model head's outputs."""
     if dataset_classes != model_classes:
@@ -73,20 +54,16 @@ def check_classes(dataset_name: str, dataset_classes: int, model_classes: int, s
 
 def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: str | Path | None = None,
                         limit: int | None = None, batch_size: int = 256, workers: int = 0,
-                        device: str = "auto", callback: Callback | None = None) -> dict:
+                        device: str = "auto", callback: Callback | None = None, allow_incomplete: bool = False) -> dict:
     """Return {"top1", "loss", "count", "dataset", "kind"} of a float.pt, finetuned.pt or .onnx file."""
-    from . import data
-    from .io import load_checkpoint
-
     path = Path(path)
     if path.suffix == ".onnx":
         return _evaluate_onnx(path, dataset, data_dir, limit, batch_size, workers)
-    ckpt = load_checkpoint(path, ("float", "finetuned"))
+    model, ckpt = load_model(path, allow_incomplete=allow_incomplete)
     dataset = dataset or ckpt.get("dataset")
     if not dataset:
         raise CheckpointError(f"{path} does not record its dataset; pass --dataset")
     spec = data.dataset_spec(dataset, data_dir)
-    model = model_from_checkpoint(ckpt, str(path))
     check_classes(dataset, spec.num_classes, int(ckpt["num_classes"]), str(path))
     test = data.get_dataset(dataset, "test", data_dir, in_chans=int(ckpt["in_chans"]),
                             input_size=int(ckpt.get("input_size") or spec.input_size))
@@ -106,12 +83,6 @@ def evaluate_checkpoint(path: str | Path, dataset: str | None = None, data_dir: 
 
 
 def _evaluate_onnx(path: Path, dataset, data_dir, limit, batch_size, workers) -> dict:
-    """Delegate to asga_deploy.export.ort.evaluate_onnx (built with the ONNX export)."""
-    try:
-        from .export.ort import evaluate_onnx
-    except ImportError as e:
-        raise AsgaError(f"evaluating ONNX files needs asga_deploy.export.ort and onnxruntime "
-                        f"(pip install 'asga-deploy[onnx]'): {e}") from None
     if not path.is_file():
         raise CheckpointError(f"ONNX file {path} does not exist")
     if not dataset:

@@ -13,13 +13,17 @@ from pathlib import Path
 from torch import nn
 
 from . import data
+from .checkpoint import load_checkpoint, load_weights
 from .dist import barrier, init_distributed, shutdown
 from .errors import AsgaError, CheckpointError, PolicyError
 from .evaluate import check_classes, evaluate
-from .io import atomic_write_json, load_checkpoint, machine_info, provenance, versions
+from .io import atomic_write_json, machine_info, provenance, versions
+from .models import create_model, model_info
+from .naming import safe_name
 from .policy import Policy, validate_policy
 from .progress import Callback, ProgressEvent, emit
-from .train import Recipe, TrainResult, fit, prepare_run, safe_name, seed_everything
+from .quant import apply_policy, calibrate
+from .train import Recipe, TrainResult, fit, prepare_run, seed_everything
 
 
 def default_warmup(epochs: int) -> int:
@@ -74,8 +78,6 @@ class FinetuneConfig:
 
 def _float_model(cfg: FinetuneConfig, policy: Policy, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
     """Return the float model with its weights and the facts recorded with them."""
-    from .models import create_model, load_weights
-
     if cfg.float_checkpoint and cfg.weights:
         raise AsgaError("give either --float CHECKPOINT or --weights torchvision, not both")
     if cfg.float_checkpoint:
@@ -111,16 +113,13 @@ def _float_model(cfg: FinetuneConfig, policy: Policy, num_classes: int, in_chans
 def run_finetune(cfg: FinetuneConfig, resume: bool = False, force: bool = False,
                  callback: Callback | None = None) -> TrainResult:
     """Fine-tune a policy's quantized model; write <out>/<run>/finetuned.pt every epoch and finetune.json."""
-    from .models import model_info
-    from .quant import apply_policy, calibrate
-
     policy = Policy.load(cfg.policy)
     info = model_info(policy.model)
     spec = data.dataset_spec(cfg.dataset, cfg.data_dir)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     ckpt_path, report_path = run_dir / "finetuned.pt", run_dir / "finetune.json"
     if resume and ckpt_path.exists():
-        saved = load_checkpoint(ckpt_path, "finetuned")
+        saved = load_checkpoint(ckpt_path, "finetuned", allow_incomplete=True)
         diff = Policy.from_dict(saved.get("policy"), f"{ckpt_path} (embedded policy)").diff(policy)
         if diff:
             raise PolicyError(f"{ckpt_path} was trained with another policy than {cfg.policy}; differing layers: "
@@ -176,12 +175,3 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, force: bool = False,
         return TrainResult(ckpt_path, report_path, report, dist.is_main)
     finally:
         shutdown(dist)
-
-
-def load_finetuned(path: str | Path) -> tuple[nn.Module, Policy, dict]:
-    """Return (fake-quant model with the trained weights, its policy, the checkpoint dict)."""
-    from .evaluate import model_from_checkpoint
-
-    ckpt = load_checkpoint(path, "finetuned")
-    model = model_from_checkpoint(ckpt, str(path))
-    return model, Policy.from_dict(ckpt["policy"], f"{path} (embedded policy)"), ckpt

@@ -1,4 +1,4 @@
-"""Atomic file writes, checkpoint loading, provenance."""
+"""Atomic file writes, output checks, provenance, machine and version facts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, OutputExistsError
+from .errors import OutputExistsError
 
 
 def check_writable(path: str | Path, force: bool) -> Path:
@@ -76,25 +76,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: str | Path, kind: str | None = None) -> dict:
-    """Load a checkpoint dict with weights_only=True; check its 'kind' if given."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, zip errors, unsupported globals
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable asga checkpoint: {first[:200]}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
-        raise CheckpointError(f"{path} is not an asga checkpoint (no 'kind'/'model' entries)")
-    if kind is not None and ckpt["kind"] not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise CheckpointError(f"{path} is a '{ckpt['kind']}' checkpoint, expected '{kind}'")
-    return ckpt
 
 
 def git_commit() -> str | None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UnknownModelError
+from .errors import UnknownModelError
 
 
 @dataclass(frozen=True)
@@ -60,50 +59,17 @@ def model_info(name: str) -> ModelInfo:
     return _REGISTRY[name]
 
 
-def create_model(name: str, num_classes: int = 10, in_chans: int = 3,
-                 weights: str | Path | None = None) -> nn.Module:
-    """Return a registered model; weights: None, a checkpoint path, or "torchvision" (needs internet)."""
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, weights: str | None = None) -> nn.Module:
+    """Return a registered model with random weights, or torchvision's pretrained ones (weights="torchvision").
+
+    Weights from a file: `checkpoint.load_weights(create_model(...), path)`.
+    """
     info = model_info(name)
     if weights == "torchvision":
         return _torchvision_pretrained(info, num_classes, in_chans)
-    model = info.fn(num_classes=num_classes, in_chans=in_chans)
     if weights is not None:
-        load_weights(model, weights, name)
-    return model
-
-
-def load_weights(model: nn.Module, path: str | Path, name: str = "") -> nn.Module:
-    """Load a state dict (or an asga checkpoint's 'model' entry) into model; clear errors on mismatch."""
-    from .io import load_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable weights file: {str(e).splitlines()[0][:200]}") from None
-    if isinstance(obj, dict) and "kind" in obj:
-        obj = load_checkpoint(path)["model"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} does not hold a state dict")
-    own = model.state_dict()
-    missing = [k for k in own if k not in obj]
-    unexpected = [k for k in obj if k not in own]
-    shape = [k for k in own if k in obj and tuple(obj[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if shape:
-            parts.append("shape mismatch at " + ", ".join(
-                f"{k} {tuple(obj[k].shape)} vs {tuple(own[k].shape)}" for k in shape[:4]))
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}" + (" ..." if len(unexpected) > 4 else ""))
-        raise CheckpointError(f"{path} does not fit model {name or type(model).__name__}: " + "; ".join(parts)
-                              + " (check --model, the number of classes and input channels)")
-    model.load_state_dict(obj)
-    return model
+        raise UnknownModelError(f"weights {weights!r}: only 'torchvision' is known (load a file with --float)")
+    return info.fn(num_classes=num_classes, in_chans=in_chans)
 
 
 def _torchvision_pretrained(info: ModelInfo, num_classes: int, in_chans: int) -> nn.Module:
@@ -128,7 +94,7 @@ def adapt_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Replace the last Linear by a new one with num_classes outputs when the count differs."""
     name, lin = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     if lin.out_features != num_classes:
-        _set_module(model, name, nn.Linear(lin.in_features, num_classes))
+        set_module(model, name, nn.Linear(lin.in_features, num_classes))
     return model
 
 
@@ -144,11 +110,12 @@ def adapt_stem(model: nn.Module, in_chans: int) -> nn.Module:
             new.weight.copy_(w.expand(-1, in_chans, -1, -1) / in_chans)
             if conv.bias is not None:
                 new.bias.copy_(conv.bias)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     return model
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted `name` by `new` (the one module-surgery helper)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .cost import LayerCost, bitops, layer_costs, w8a8_bitops, weight_bytes
+from .cost import CostTable, LayerCost, layer_costs
 from .errors import PolicyError
-from .io import atomic_write_json, check_writable
-from .targets import BITS_RANGE, TARGETS
+from .io import atomic_write_json, check_writable, provenance
+from .models import create_model, edge_layers, model_info, quantizable_layers
+from .targets import BITS_RANGE, TARGETS, get_target
 
 SCHEMA = "asga-policy/1"
 SCHEMA_VERSION = 1
@@ -137,21 +138,18 @@ class Policy:
 def compute_cost(policy: Policy, costs: dict[str, LayerCost], input_shape, num_classes: int,
                  excluded: list[str]) -> dict:
     """Return the policy's cost record: BitOPs and its ratio to W8A8 over the counted layers, bytes."""
-    counted = {n: (b.weight_bits, b.act_bits) for n, b in policy.layers.items() if n not in excluded}
-    ref = w8a8_bitops(counted, costs)
-    total_bytes = weight_bytes({n: (b.weight_bits, 0) for n, b in policy.layers.items()}, costs) + sum(
+    table = CostTable(costs, tuple(n for n in policy.layers if n not in excluded))
+    bits = {n: (b.weight_bits, b.act_bits) for n, b in policy.layers.items()}
+    total_bytes = sum(costs[n].weight_bytes(w) for n, (w, _) in bits.items()) + sum(
         costs[n].params * 4 for n in policy.float_layers if n in costs)
-    b = bitops(counted, costs)
     return {"input_shape": list(input_shape), "num_classes": num_classes, "excluded": list(excluded),
-            "bitops": b, "bitops_vs_w8a8": (b / ref) if ref else 0.0,
-            "weight_bytes": weight_bytes(counted, costs), "weight_bytes_total": total_bytes}
+            "bitops": table.total("bitops", bits), "bitops_vs_w8a8": table.ratio("bitops", bits),
+            "weight_bytes": table.total("size", bits) / 8, "weight_bytes_total": total_bytes}
 
 
 def validate_policy(policy: Policy, model: nn.Module, source: str = "<policy>",
                     costs: dict[str, LayerCost] | None = None) -> None:
     """Check a policy against a model and its target; raise PolicyError naming EVERY problem at once."""
-    from .models import quantizable_layers
-
     problems = []
     names = quantizable_layers(model)
     known = set(names)
@@ -184,13 +182,24 @@ def validate_policy(policy: Policy, model: nn.Module, source: str = "<policy>",
         raise PolicyError(f"{source} does not fit model {policy.model}: " + "; ".join(problems))
 
 
+def model_cost_table(model_name: str, num_classes: int = 10, in_chans: int | None = None,
+                     input_size: int | None = None) -> CostTable:
+    """Return the CostTable of a registered model at an input shape, counting every layer but its edges."""
+    info = model_info(model_name)
+    in_chans = in_chans or (1 if info.input_size <= 28 else 3)
+    size = input_size or info.input_size
+    model = create_model(model_name, num_classes=num_classes, in_chans=in_chans)
+    costs = layer_costs(model, (in_chans, size, size))
+    edges = set(edge_layers(model))
+    return CostTable(costs, tuple(n for n in costs if n not in edges))
+
+
 def uniform_policy(model_name: str, weight_bits: int, act_bits: int, target: str = "ort",
                    num_classes: int = 10, in_chans: int | None = None, input_size: int | None = None,
                    edges: str = "w8a8") -> Policy:
     """Return the uniform W{w}A{a} policy of a registered model; edges ('w8a8' or 'float') for first/last."""
-    from .models import create_model, edge_layers, model_info
-
     info = model_info(model_name)
+    tgt = get_target(target)
     if in_chans is None:
         in_chans = 1 if info.input_size <= 28 else 3
     size = input_size or info.input_size
@@ -203,16 +212,11 @@ def uniform_policy(model_name: str, weight_bits: int, act_bits: int, target: str
             if edges == "float":
                 floats.append(n)
                 continue
-            layers[n] = LayerBits(8, 8 if c.input_signed or target != "tensorrt" else 7, c.input_signed)
-        else:
-            a = act_bits
-            if target == "tensorrt" and not c.input_signed and a == 8:
-                a = 7  # TensorRT's INT8 after a ReLU is an unsigned 7-bit grid
-            layers[n] = LayerBits(weight_bits, a, c.input_signed)
+            layers[n] = LayerBits(*tgt.highest(c.input_signed), c.input_signed)
+        else:  # e.g. TensorRT's INT8 after a ReLU is an unsigned 7-bit grid: A8 becomes A7 there
+            layers[n] = LayerBits(*tgt.clamp_bits(weight_bits, act_bits, c.input_signed), c.input_signed)
     pol = Policy(model_name, target, layers, floats)
     pol.cost = compute_cost(pol, costs, (in_chans, size, size), num_classes, excl)
-    from .io import provenance
-
     pol.provenance = provenance(command=f"uniform_policy({model_name!r}, {weight_bits}, {act_bits}, {target!r})",
                                 method="uniform")
     return pol

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,10 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data
+from .checkpoint import (
+    check_resume_config,
+    load_checkpoint,
+    plain_provenance,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .dist import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from .errors import CheckpointError, OutputExistsError, TrainingDivergedError
+from .errors import OutputExistsError, TrainingDivergedError
 from .evaluate import evaluate
-from .io import atomic_torch_save, atomic_write_json, load_checkpoint, machine_info, provenance, versions
+from .io import atomic_write_json, machine_info, provenance, versions
+from .naming import safe_name
 from .progress import Callback, ProgressEvent, emit
 
 # options that may change between a run and its resumption without changing the result
@@ -88,51 +96,11 @@ class TrainConfig:
         return self.run or safe_name(f"{self.model}-{self.dataset}")
 
 
-def safe_name(text: str) -> str:
-    """Return text with characters that do not belong in a folder name replaced by '-'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Return the RNG states as plain lists/tensors (loadable with weights_only=True)."""
-    v, state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": [v, list(state), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    """Restore the RNG states saved by rng_state."""
-    torch.set_rng_state(s["torch"])
-    v, state, gauss = s["python"]
-    random.setstate((v, tuple(state), gauss))
-    if s.get("numpy") is not None:
-        name, keys, pos, has_gauss, cached = s["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def plain_provenance(**extra) -> dict:
-    """Return io.provenance() with str subclasses (torch's TorchVersion) made plain for weights_only loads."""
-    return {k: str(v) if isinstance(v, str) else v for k, v in provenance(**extra).items()}
-
-
-def check_resume_config(saved: dict, current: dict, path: Path) -> None:
-    """Raise CheckpointError naming the options that differ between a checkpoint's run and this one."""
-    diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in current.items()
-            if k not in RESUME_FREE and saved.get(k) != v]
-    if diff:
-        raise CheckpointError(f"{path} was written by a run with other options: {', '.join(diff)}; "
-                              "rerun with the same options, or pass --force to start over")
 
 
 def _lr_factor(warmup: int, total: int):
@@ -254,7 +222,7 @@ def fit(model: nn.Module, train_set, test_set, r: Recipe, info: DistInfo, ckpt_p
             ckpt = {**meta, "model": model.state_dict(), "epoch": epoch + 1, "complete": epoch + 1 == r.epochs,
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
                     "metrics": record, "provenance": plain_provenance(dataset=meta.get("dataset"), seed=r.seed)}
-            atomic_torch_save(ckpt, ckpt_path)
+            save_checkpoint(ckpt, ckpt_path)
         barrier(info)
         emit(cb, ProgressEvent("epoch", stage, epoch + 1, r.epochs, steps, steps,
                                {k: v for k, v in history[-1].items() if k != "epoch"}))
@@ -265,8 +233,8 @@ def fit(model: nn.Module, train_set, test_set, r: Recipe, info: DistInfo, ckpt_p
 def prepare_run(ckpt_path: Path, kind: str, config: dict, resume: bool, force: bool) -> dict | None:
     """Return the checkpoint to resume from (or None to start fresh); refuse to overwrite without force."""
     if ckpt_path.exists() and resume:
-        ckpt = load_checkpoint(ckpt_path, kind)
-        check_resume_config(ckpt.get("config", {}), config, ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, kind, allow_incomplete=True)
+        check_resume_config(ckpt.get("config", {}), config, ckpt_path, RESUME_FREE)
         return ckpt
     if ckpt_path.exists() and not force:
         raise OutputExistsError(f"{ckpt_path} exists; pass --resume to continue that run or --force to overwrite it")

@@ -10,7 +10,9 @@ import statistics
 import time
 from pathlib import Path
 
+from asga_deploy.budget import Budget
 from asga_deploy.io import atomic_write_json, git_commit, machine_info, versions
+from asga_deploy.naming import artifact_stem
 
 CACHE = Path(__file__).resolve().parent / "cache"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,6 +35,16 @@ def float_model(root: Path, model: str, dataset: str, epochs: int, seed: int = 0
     return run_train(cfg, resume=(root / "float" / "float.pt").exists()).report
 
 
+def budget_of(ratio: float) -> Budget:
+    """Return the BitOPs budget (ratio of W8A8) the benchmarks use."""
+    return Budget.from_options(bitops=ratio)
+
+
+def search_stem(model: str, tag: str, budget: float, seed: int) -> str:
+    """Return the stem of a benchmark's search: the package's naming rule with the seed."""
+    return artifact_stem(model, tag, budget_of(budget).tag(), seed=seed)
+
+
 def search(root: Path, model: str, dataset: str, objective: str, seed: int, budget: float, subset: int | None,
            epochs: int, float_ckpt: Path, tag: str | None = None, **overrides) -> dict:
     """Search (or reuse) a policy; return {"policy": path, "metrics", "wall_s", "steps"}."""
@@ -40,7 +52,7 @@ def search(root: Path, model: str, dataset: str, objective: str, seed: int, budg
     from asga_deploy.search.run import SearchConfig, run_search
 
     tag = tag or objective
-    name = f"{model}-{tag}-b{round(1000 * budget):03d}-s{seed}"
+    name = search_stem(model, tag, budget, seed)
     pol_path = root / "policies" / f"{name}.json"
     meta_path = root / "policies" / f"{name}.meta.json"
     if pol_path.exists() and meta_path.exists():

@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from asga_deploy.data import dataset_spec
+    from asga_deploy.naming import uniform_stem
     from asga_deploy.policy import Policy, uniform_policy
     from asga_deploy.report.plots import plot_front
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
                                "search_s": meta["wall_s"]})
         log(f"asga budget {b}: top-1 {ft['top1']:.4f}")
     for w, a in UNIFORM:
-        p = root / "policies" / f"{args.model}-w{w}a{a}.json"
+        p = root / "policies" / f"{uniform_stem(args.model, w, a)}.json"
         if not p.exists():
             uniform_policy(args.model, w, a, "ort", spec.num_classes, spec.in_chans, spec.input_size).save(p)
         ft = finetune(root, p, args.dataset, args.seed, args.finetune_epochs, float_ckpt)

@@ -18,39 +18,22 @@ from pathlib import Path
 import torch
 
 from asga_deploy.io import atomic_write_json, git_commit, machine_info, versions
-from asga_deploy.search.budget import Controller, temperature
-from asga_deploy.search.objective import ASGAStep, Radius
 from asga_deploy.search.proxy import proxy_data
-from asga_deploy.search.run import SearchConfig, prepare, run_search
+from asga_deploy.search.recipe import SearchRecipe
+from asga_deploy.search.run import SearchConfig, run_search
 
 
-def make_stepper(cfg: SearchConfig, data, objective: str):
-    """Return a fresh supernet's (net, stepper, controller) for one objective, same seed as the other."""
-    cfg = replace(cfg, objective=objective)
-    net, _, metric, ratio = prepare(cfg, data)
-    w, a = net.weight_parameters(), net.arch_parameters()
-    w_opt = torch.optim.SGD(w, lr=cfg.lr, momentum=cfg.momentum)
-    a_opt = torch.optim.Adam(a, lr=cfg.alpha_lr)
-    step = ASGAStep(net, w, a, w_opt, a_opt, objective, cfg.gamma, Radius(cfg.rho_rule, cfg.epsilon, cfg.rho_min),
-                    cost_fn=lambda: net.expected_cost(metric))
-    return net, step, Controller(ratio)
-
-
-def time_steps(cfg: SearchConfig, data, steps: int, warmup: int = 3) -> dict:
-    """Alternate one asga and one erm step on the same batch (order swapped each round); return medians."""
-    runs = {o: make_stepper(cfg, data, o) for o in ("erm", "asga")}
+def time_steps(cfg: SearchConfig, data, steps: int, tmp: Path, warmup: int = 3) -> dict:
+    """Alternate one asga and one erm search step (SearchRecipe.step) on the same batch, order swapped each
+    round; return medians."""
+    runs = {o: SearchRecipe(replace(cfg, objective=o), data, tmp / o) for o in ("erm", "asga")}
     batches = [b for _, b in zip(range(steps + warmup), _cycle(data), strict=False)]
     times = {o: [] for o in runs}
-    total = len(batches)
     for t, (x, y) in enumerate(batches):
         order = ("erm", "asga") if t % 2 == 0 else ("asga", "erm")
         for o in order:
-            net, stepper, ctrl = runs[o]
-            net.set_temperature(temperature(t, total))
-            with torch.no_grad():
-                lam = ctrl(t, total, float(net.expected_cost()))
             t0 = time.perf_counter()
-            stepper.step(x, y, lam)
+            runs[o].step(0, t, x, y, None)
             if t >= warmup:
                 times[o].append(time.perf_counter() - t0)
     med = {o: statistics.median(v) for o, v in times.items()}
@@ -87,7 +70,8 @@ def main() -> None:
     cfg = SearchConfig(model=args.model, dataset=args.dataset, subset=args.subset, epochs=args.epochs,
                        batch_size=args.batch_size, budget_bitops=args.budget, allow_diagnostics=True)
     data = proxy_data(cfg)
-    step = time_steps(cfg, data, args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        step = time_steps(cfg, data, args.steps, Path(tmp))
     results = {"step_time": {k: v for k, v in step.items() if k != "all_s"}, "step_times_s": step["all_s"]}
     if earlier is not None:
         results["default_search"] = earlier["results"].get("default_search")

@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from chain import CACHE, RESULTS, log, search, search_log, write_result
+from chain import CACHE, RESULTS, budget_of, log, search, search_log, search_stem, write_result
 from transfer import DEFAULT_BUDGET, claim
 from transfer_analysis import agreement, per_epoch
 
@@ -40,10 +40,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from asga_deploy.policy import Policy
 
-    tag_b = f"b{round(1000 * args.budget):03d}"
+    tag_b = budget_of(args.budget).tag()
     root = CACHE / f"transfer-{args.model}" / tag_b
     float_ckpt = CACHE / f"transfer-{args.model}" / "float" / "float.pt"
-    base_meta = root / "policies" / f"{args.model}-asga-{tag_b}-s{args.seed}.meta.json"
+    base_meta = root / "policies" / f"{search_stem(args.model, 'asga', args.budget, args.seed)}.meta.json"
     if not base_meta.exists():
         log(f"no default asga search at {base_meta}: run benchmarks/transfer.py first")
         return 1
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     rows = {"default (epsilon 0.1, gamma 0.001)": json.loads(base_meta.read_text())}
     for key, val in settings:
         tag = f"asga-{key}{val:g}"
-        meta_path = root / "policies" / f"{args.model}-{tag}-{tag_b}-s{args.seed}.meta.json"
+        meta_path = root / "policies" / f"{search_stem(args.model, tag, args.budget, args.seed)}.meta.json"
         if args.report_only or not claim(root, f"sensitivity-{tag}-s{args.seed}"):
             if meta_path.exists():
                 rows[f"{key} {val:g}"] = json.loads(meta_path.read_text())

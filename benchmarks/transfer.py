@@ -21,24 +21,37 @@ import sys
 import time
 from pathlib import Path
 
-from chain import CACHE, RESULTS, finetune, float_model, log, search, search_log, spread, write_result
+from chain import (
+    CACHE,
+    RESULTS,
+    budget_of,
+    finetune,
+    float_model,
+    log,
+    search,
+    search_log,
+    search_stem,
+    spread,
+    write_result,
+)
 
 METHODS = ("asga", "sam-align", "sam", "erm")
 DEFAULT_BUDGET = 0.09375  # W2A3 / W3A2: at 0.125 uniform W2A4 lost only 0.37 points to float (one seed)
 
 
 def uniform_policies(root: Path, model: str, budget: float, in_chans: int, size: int) -> list[Path]:
-    """Write (once) and return the uniform policies whose BitOPs equal the budget."""
-    from asga_deploy.policy import uniform_policy
+    """Write (once) and return the uniform policies whose BitOPs meet the budget."""
+    from asga_deploy.naming import uniform_stem
+    from asga_deploy.policy import model_cost_table, uniform_policy
+    from asga_deploy.targets import get_target
 
     out = []
-    for w in range(2, 9):
-        for a in range(2, 9):
-            if 0.97 * budget <= w * a / 64 <= budget + 1e-12:
-                p = root / "policies" / f"{model}-w{w}a{a}.json"
-                if not p.exists():  # deterministic: two workers writing it at once write the same file
-                    uniform_policy(model, w, a, "ort", 10, in_chans, size).save(p, force=True)
-                out.append(p)
+    table = model_cost_table(model, 10, in_chans, size)
+    for w, a in budget_of(budget).uniform_matches(table, get_target("ort")):
+        p = root / "policies" / f"{uniform_stem(model, w, a)}.json"
+        if not p.exists():  # deterministic: two workers writing it at once write the same file
+            uniform_policy(model, w, a, "ort", 10, in_chans, size).save(p, force=True)
+        out.append(p)
     return out
 
 
@@ -93,7 +106,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    tag_b = f"b{round(1000 * args.budget):03d}"
+    tag_b = budget_of(args.budget).tag()
     base = CACHE / f"transfer-{args.model}"  # the float model, shared by every budget
     root = base / tag_b
     in_chans, size = 1, 28
@@ -123,7 +136,7 @@ def main(argv=None) -> int:
         units.append((p.stem, lambda p=p: collect(f"uniform {p.stem.split('-')[-1].upper()}", p, None)))
 
     def searched(method: str, seed: int, subset: int | None, epochs: int, tag: str, label: str) -> None:
-        if args.report_only and not (root / "policies" / f"{args.model}-{tag}-{tag_b}-s{seed}.meta.json").exists():
+        if args.report_only and not (root / "policies" / f"{search_stem(args.model, tag, args.budget, seed)}.meta.json").exists():
             return
         meta = search(root, args.model, args.dataset, method, seed, args.budget, subset, epochs, float_ckpt, tag=tag)
         collect(label, Path(meta["policy"]), meta)

@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from chain import CACHE, RESULTS, log, search_log, spread, write_result
+from chain import CACHE, RESULTS, budget_of, log, search_log, spread, write_result
 
 
 def per_epoch(log_rows: list[dict], key: str) -> list[float]:
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     from asga_deploy.policy import Policy
     from asga_deploy.report.plots import plot_panels
 
-    tag_b = f"b{round(1000 * args.budget):03d}"
+    tag_b = budget_of(args.budget).tag()
     root = CACHE / f"transfer-{args.model}" / tag_b
     runs = []
     for meta_path in sorted((root / "policies").glob(f"{args.model}-*-{tag_b}-s*.meta.json")):

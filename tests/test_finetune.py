@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from asga_deploy import data
+from asga_deploy.checkpoint import load_checkpoint, load_finetuned
 from asga_deploy.errors import PolicyError
-from asga_deploy.finetune import FinetuneConfig, default_warmup, load_finetuned, run_finetune
-from asga_deploy.io import load_checkpoint
+from asga_deploy.finetune import FinetuneConfig, default_warmup, run_finetune
 from asga_deploy.models import create_model
 from asga_deploy.policy import Policy, uniform_policy
 from asga_deploy.quant import apply_policy, calibrate, quantized_layers
@@ -30,7 +30,7 @@ def test_two_qat_steps_lower_a_finite_loss():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model = apply_policy(model, uniform_policy("tinynet", 4, 4, target="sim"))
+    apply_policy(model, uniform_policy("tinynet", 4, 4, target="sim"))
     calibrate(model, [x])
     r = FinetuneConfig(policy="p.json").recipe()  # the paper's recipe: lr 0.04, Nesterov 0.9
     opt = _optimizer(model, r)
@@ -71,7 +71,7 @@ def test_finetune_writes_grid_exact_checkpoint_and_resumes_exactly(tmp_path, flo
     assert Policy.from_dict(a["policy"]).diff(Policy.load(pol)) == []
     report = json.loads((tmp_path / "full" / "finetune.json").read_text())
     assert len(report["top1_per_epoch"]) == 2 and 0 <= report["float_top1"] <= 1 and report["time_s"] > 0
-    model, _, _ = load_finetuned(full.checkpoint)
+    model, _, _, _ = load_finetuned(full.checkpoint)
     layers = quantized_layers(model)
     assert list(layers) == ["conv1", "conv2", "conv3", "fc"]
     for name, m in layers.items():

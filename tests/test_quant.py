@@ -66,7 +66,8 @@ def test_init_mse_beats_max_scaling_at_8_bits_and_clips_at_2_bits():
 
 def test_calibrate_sets_every_activation_scale():
     torch.manual_seed(0)
-    m = apply_policy(create_model("tinynet", 10, 1), uniform_policy("tinynet", 4, 4, target="sim"))
+    m = create_model("tinynet", 10, 1)
+    apply_policy(m, uniform_policy("tinynet", 4, 4, target="sim"))
     assert calibrate(m, [torch.randn(8, 1, 28, 28)]) == len(activation_quantizers(m))
     assert all(bool(q.initialized) for q in activation_quantizers(m).values())
 
@@ -74,7 +75,8 @@ def test_calibrate_sets_every_activation_scale():
 @pytest.mark.parametrize("name", ["tinynet", "tinydw"])
 def test_bn_folding_is_exact(name):
     torch.manual_seed(0)
-    m = apply_policy(create_model(name, 10, 1), uniform_policy(name, 4, 8, target="sim"))
+    m = create_model(name, 10, 1)
+    apply_policy(m, uniform_policy(name, 4, 8, target="sim"))
     x = torch.randn(16, 1, 28, 28)
     m.train()
     for _ in range(3):  # non-trivial running statistics

@@ -18,13 +18,12 @@ def _quantized(name: str, target: str = "ort", w: int = 8, a: int = 8):
     pol = uniform_policy(name, w, a, target)
     model = create_model(name, 10, pol.cost["input_shape"][0])
     keys = set(model.state_dict())
-    apply_policy(model, pol)
-    return model, pol, keys
+    recs = apply_policy(model, pol)
+    return model, pol, keys, recs
 
 
 def test_tinyresnet_gets_quantizers_around_each_add():
-    model, pol, _ = _quantized("tinyresnet")
-    recs = pol.deploy["quantizers"]
+    model, pol, _, recs = _quantized("tinyresnet")
     roles = [(r["role"], r["after"], r["signed"]) for r in recs]
     # conv2 outputs (BN folded later) enter the Adds signed; each Add leaves through its ReLU unsigned
     assert ("conv_output", "layer1.0.bn2", True) in roles
@@ -48,8 +47,8 @@ def test_tinyresnet_gets_quantizers_around_each_add():
 
 
 def test_state_dict_keys_of_existing_modules_unchanged():
-    ref, _, _ = _quantized("tinyresnet", "sim")
-    model, _, _ = _quantized("tinyresnet", "ort")
+    ref = _quantized("tinyresnet", "sim")[0]
+    model = _quantized("tinyresnet", "ort")[0]
     old, new = set(ref.state_dict()), set(model.state_dict())
     assert old <= new
     assert all(k.startswith("deploy_quant.") for k in new - old)
@@ -57,13 +56,13 @@ def test_state_dict_keys_of_existing_modules_unchanged():
 
 def test_sim_and_tensorrt_targets_get_none():
     for target in ("sim", "tensorrt"):
-        model, pol, _ = _quantized("tinyresnet", target, 8, 7)
-        assert not deploy_quantizers(model) and "quantizers" not in pol.deploy
+        model, pol, _, recs = _quantized("tinyresnet", target, 8, 7)
+        assert not deploy_quantizers(model) and recs == [] and "quantizers" not in pol.deploy
 
 
 def test_quantizers_are_in_the_forward_calibrated_and_fold_bn_works():
     torch.manual_seed(0)
-    model, pol, _ = _quantized("tinyresnet")
+    model = _quantized("tinyresnet")[0]
     x = torch.randn(16, 1, 28, 28)
     n = calibrate(model, [x])
     assert n == len(activation_quantizers(model)) == 7 + 6 - 3  # layer inputs + deploy quantizers - shared
@@ -84,16 +83,16 @@ def test_quantizers_are_in_the_forward_calibrated_and_fold_bn_works():
 
 
 def test_plain_chain_gets_one_quantizer_before_the_head():
-    _, pol, _ = _quantized("tinynet")
-    assert [(r["role"], r["after"]) for r in pol.deploy["quantizers"]] == [("conv_output", "relu")]
+    _, pol, _, recs = _quantized("tinynet")
+    assert [(r["role"], r["after"]) for r in recs] == [("conv_output", "relu")]
+    assert "quantizers" not in pol.deploy  # the policy is data: applying it does not change it
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_torchvision_models_are_handled_generically(name):
     pol = uniform_policy(name, 8, 8, "ort", num_classes=10, in_chans=3, input_size=32)
     model = create_model(name, 10, 3)
-    apply_policy(model, pol, validate=False)
-    recs = pol.deploy["quantizers"]
+    recs = apply_policy(model, pol, validate=False)
     adds = {r["before"] for r in recs if r["role"] == "add_input"} | {
         r["after"] for r in recs if r["role"] == "conv_output"}
     assert recs and adds

@@ -24,9 +24,10 @@ def test_three_step_search_writes_a_valid_policy(cli, tmp_path, monkeypatch):
     res = cli(*BASE, "--budget-bitops", "0.25", "--target", "tensorrt", "--allow-diagnostics")
     assert res.exit_code == 0, res.stderr
     files = sorted(p.name for p in (tmp_path / "policies").iterdir())
-    assert files == ["tinynet-asga-r25.bits.png", "tinynet-asga-r25.cost.png", "tinynet-asga-r25.json",
-                     "tinynet-asga-r25.rho.png", "tinynet-asga-r25.search.jsonl"]
-    pol = Policy.load(tmp_path / "policies" / "tinynet-asga-r25.json")
+    assert files == ["tinynet-asga-r25-tensorrt.bits.png", "tinynet-asga-r25-tensorrt.cost.png",
+                     "tinynet-asga-r25-tensorrt.json", "tinynet-asga-r25-tensorrt.rho.png",
+                     "tinynet-asga-r25-tensorrt.search.jsonl"]
+    pol = Policy.load(tmp_path / "policies" / "tinynet-asga-r25-tensorrt.json")
     validate_policy(pol, create_model("tinynet", 10, 1))
     assert pol.target == "tensorrt" and 0.97 * 0.25 <= pol.cost["bitops_vs_w8a8"] <= 0.25
     prov = pol.provenance
@@ -35,20 +36,20 @@ def test_three_step_search_writes_a_valid_policy(cli, tmp_path, monkeypatch):
     assert prov["supernet_init"] == {"init": "scratch"} and "asga search" in prov["command"]
     for k in ("argmax_last_change_epoch", "alpha_did_not_move", "extraction_far_from_argmax"):
         assert k in prov["metrics"]
-    log = [json.loads(x) for x in (tmp_path / "policies" / "tinynet-asga-r25.search.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (tmp_path / "policies" / "tinynet-asga-r25-tensorrt.search.jsonl").read_text().splitlines()]
     assert len(log) == 3
     for k in ("loss", "loss_adv", "gap", "rho", "lambda", "temperature", "expected_cost", "argmax_cost",
               "images_per_s"):
         assert all(isinstance(r[k], float) for r in log), k
-    assert (tmp_path / "runs/search/tinynet-asga-b0.25-s0/checkpoint.pt").is_file()
+    assert (tmp_path / "runs/search/tinynet-asga-r25-tensorrt-s0/checkpoint.pt").is_file()
     # the same search again: its run folder exists, so it needs --resume or --force
     res = cli(*BASE, "--budget-bitops", "0.25", "--target", "tensorrt")
     assert res.exit_code == 2 and "--resume" in res.stderr
     # another search landing on the same r25 keeps the reviewed policy and takes the next free name
     res = cli(*BASE, "--budget-bitops", "0.25", "--target", "tensorrt", "--allow-diagnostics", "--run-dir", "other")
     assert res.exit_code == 0, res.stderr
-    assert Policy.load(tmp_path / "policies" / "tinynet-asga-r25.json").layers == pol.layers
-    assert (tmp_path / "policies" / "tinynet-asga-r25-2.json").is_file()
+    assert Policy.load(tmp_path / "policies" / "tinynet-asga-r25-tensorrt.json").layers == pol.layers
+    assert (tmp_path / "policies" / "tinynet-asga-r25-tensorrt-2.json").is_file()
 
 
 class _Stop(KeyboardInterrupt):
@@ -88,7 +89,9 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("args, expect", [
     (["--budget-bitops", "0.01"], "below the cheapest policy of these candidates; feasible range 0.0625..1.031"),
-    (["--budget-bitops", "1e12"], "above the most expensive"),
+    (["--budget-bitops", "1e12"], "is a ratio of W8A8 BitOPs in (0, 1]; for absolute BitOPs write --budget-gbitops 1000"),
+    (["--budget-gbitops", "1e12"], "above the most expensive"),
+    (["--budget-bitops", "nan"], "must be a positive finite number"),
     (["--budget-bitops", "0.25", "--target", "tensorrt", "--act-bits", "8", "--no-replace"],
      "layer conv2: no candidate unsigned activation bit-width left on target tensorrt"),
     (["--weight-bits", "1,4"], "each must be in 2..8"),
@@ -113,7 +116,7 @@ def test_float_checkpoint_init_and_heldout_logits(float_ckpt, tmp_path):
 
     cfg = SearchConfig(model="tinynet", dataset="synthetic", epochs=1, init=str(float_ckpt), alpha_data="heldout",
                        budget_bitops=0.25, allow_diagnostics=True)
-    net, init, _, _ = prepare(cfg, search_data(2, 8))
+    net, init, _ = prepare(cfg, search_data(2, 8))
     ck = torch.load(float_ckpt, weights_only=True)
     assert init["init"] == "float" and init["checkpoint"] == str(float_ckpt)
     assert torch.equal(net.model.get_submodule("conv2").weight, ck["model"]["conv2.weight"])

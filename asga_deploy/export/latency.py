@@ -1,16 +1,18 @@
-"""Latency of an ONNX file (ONNX Runtime CPU) or a TensorRT engine: percentiles over batch sizes."""
+"""`asga profile`: latency of an ONNX file (ONNX Runtime CPU) or a TensorRT engine, per batch size."""
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import AsgaError
+from ..errors import AsgaError, require
 from ..io import atomic_write_json, check_writable, machine_info, provenance, versions
+from .ort import default_threads, integer_kernels, session
+from .timing import input_shape, percentiles, time_session
+from .trt import profile_engine
 
 
 @dataclass(frozen=True)
@@ -25,45 +27,8 @@ class ProfileConfig:
     kernels: bool = True  # ONNX Runtime: report which quantized layers became integer kernels
 
 
-def percentiles(times_ms: list[float], batch: int) -> dict:
-    """Return p50/p90/p99/mean (ms) and throughput (images/s at the median) of a list of timings."""
-    a = np.asarray(times_ms, dtype=np.float64)
-    p50 = float(np.percentile(a, 50))
-    return {"batch": batch, "iters": len(a), "p50_ms": p50, "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "min_ms": float(a.min()),
-            "throughput_ips": batch * 1000.0 / p50 if p50 > 0 else None}
-
-
-def time_session(sess, x: np.ndarray, warmup: int, iters: int) -> list[float]:
-    """Return per-run wall times (ms) of an ORT session on x after warm-up."""
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        out.append((time.perf_counter() - t0) * 1000.0)
-    return out
-
-
-def input_shape(sess, input_size: int | None) -> tuple[int, int, int]:
-    """Return the (C, H, W) an ORT session takes, using input_size where H/W are dynamic."""
-    shape = sess.get_inputs()[0].shape
-    c, h, w = shape[1:4]
-    if not isinstance(c, int):
-        raise AsgaError(f"the model input {shape} has no fixed channel count")
-    if not (isinstance(h, int) and isinstance(w, int)):
-        if input_size is None:
-            raise AsgaError(f"the model input {shape} has a dynamic size: pass --input-size")
-        h = w = input_size
-    return c, h, w
-
-
 def profile_onnx(path: str | Path, cfg: ProfileConfig) -> dict:
     """Return ONNX Runtime latency per batch size, and the integer-kernel report of the optimized graph."""
-    from .ort import default_threads, integer_kernels, session
-
     threads = cfg.threads or default_threads()
     sess = session(path, threads)
     c, h, w = input_shape(sess, cfg.input_size)
@@ -80,8 +45,6 @@ def profile_onnx(path: str | Path, cfg: ProfileConfig) -> dict:
 
 def onnx_metadata(path: str | Path) -> dict:
     """Return the asga metadata of an ONNX file (policy, target; empty for foreign files)."""
-    from ..errors import require
-
     onnx = require("onnx", "onnx")
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     out = {}
@@ -109,8 +72,6 @@ def run_profile(model: str | Path, cfg: ProfileConfig, out: str | Path | None = 
             res["integer_kernels"]["policy_layers_not_integer"] = [n for n in plan if not got.get(n, {}).get(
                 "integer")]
     elif model.suffix in (".engine", ".plan", ".trt"):
-        from .trt import profile_engine
-
         sibling = model.parent / "model.qdq.onnx"  # its policy says which layers should run INT8
         pol = onnx_metadata(sibling).get("policy") if sibling.is_file() else None
         res = profile_engine(model, cfg, list(pol["layers"]) if pol else None,

@@ -13,11 +13,15 @@ import io
 import json
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..checkpoint import load_model
 from ..errors import ExportError, UnsupportedTargetError, require
+from ..io import atomic_write_bytes
+from ..models import model_info
 from ..policy import Policy
 from ..quant import QuantConv2d, QuantLinear
 from ..quant.apply import fold_bn
@@ -25,7 +29,6 @@ from ..quant.quantizers import FakeQuantizer
 from ..targets import get_target
 from .graph import fp16_variant, initializer_identities, int4_weights, name_layers, prune, size_report  # noqa: F401
 
-TRT_OPSETS = (17, 18, 19, 20)
 INT4_OPSET = 21
 DEFAULT_OPSET = 17  # QDQ per-channel needs >= 13; 17 is inside TensorRT's parser range and fuses in ORT
 # leaf modules the exporter knows how to lower (parameter-free torch.nn modules are left to torch.onnx)
@@ -44,35 +47,35 @@ class LoweringConfig:
 
 def resolve_opset(cfg: LoweringConfig) -> int:
     """Return the opset to export with, or raise UnsupportedTargetError for an impossible choice."""
-    opset = cfg.opset if cfg.opset is not None else (INT4_OPSET if cfg.int4_storage else DEFAULT_OPSET)
+    target = get_target(cfg.target)
+    opset = cfg.opset if cfg.opset is not None else (INT4_OPSET if cfg.int4_storage else target.default_opset)
     if opset < 13:
         raise UnsupportedTargetError(f"opset {opset} has no per-channel QDQ; use 13 or newer")
+    if cfg.int4_storage and not target.int4_storage:
+        raise UnsupportedTargetError(f"--int4-storage is not for {target.name}: its convolutions take INT8 "
+                                     "weights (INT4 is weight-only for GEMM)")
     if cfg.int4_storage and opset < INT4_OPSET:
         raise UnsupportedTargetError(f"--int4-storage needs opset {INT4_OPSET} or newer, got {opset}")
-    if cfg.target == "tensorrt":
-        if cfg.int4_storage:
-            raise UnsupportedTargetError("--int4-storage is not for tensorrt: TensorRT convolutions take INT8 "
-                                         "weights (INT4 is weight-only for GEMM)")
-        if opset not in TRT_OPSETS:
-            raise UnsupportedTargetError(f"opset {opset} for tensorrt: use one of {list(TRT_OPSETS)}")
-    elif cfg.fp16_float_layers:
-        raise UnsupportedTargetError("--fp16 (FP16 float layers) is a tensorrt export option")
+    target.check_opset(opset)
+    if cfg.fp16_float_layers and target.float_dtype != "fp16":
+        raise UnsupportedTargetError(f"--fp16 (FP16 float layers) is an export option of targets whose float "
+                                     f"layers run FP16, not of {target.name}")
     return opset
 
 
-def check_representable(model: nn.Module, policy: Policy, target: str) -> None:
+def check_representable(model: nn.Module, policy: Policy, target_name: str) -> None:
     """Raise UnsupportedTargetError naming every layer and quantizer the target cannot run."""
-    t = get_target(target)
+    t = get_target(target_name)
     bad = [f"{n} (W{b.weight_bits}A{b.act_bits}{'s' if b.act_signed else 'u'}: {why})"
            for n, b in policy.layers.items() if (why := t.check(b.weight_bits, b.act_bits, b.act_signed))]
-    if target == "tensorrt":
+    if t.signed_int8_only:
         bad += [f"{n} (unsigned 8-bit deploy quantizer)" for n, q in model.named_modules()
                 if isinstance(q, FakeQuantizer) and n.startswith("deploy_quant.") and not q.signed
                 and q.bits == 8]
     if bad:
-        raise UnsupportedTargetError(f"target {target} cannot represent: {'; '.join(bad)}"
-                                     + (" (TensorRT takes signed INT8 only: use act_bits <= 7 after a ReLU)"
-                                        if target == "tensorrt" else ""))
+        raise UnsupportedTargetError(f"target {t.name} cannot represent: {'; '.join(bad)}"
+                                     + (" (it takes signed INT8 only: use act_bits <= 7 after a ReLU)"
+                                        if t.signed_int8_only else ""))
 
 
 def check_layer_types(model: nn.Module) -> None:
@@ -139,7 +142,7 @@ def _patch_weights(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _signed_activations(model: nn.Module) -> None:
-    """TensorRT: lower unsigned b-bit (b <= 7) activations through signed INT8 Q/DQ (same values)."""
+    """Signed-INT8-only backends (TensorRT): lower unsigned b-bit (b <= 7) activations through signed INT8 Q/DQ (same values)."""
     for q in model.modules():
         if isinstance(q, FakeQuantizer) and not q.per_channel and not q.signed:
             if q.qmax > 127:
@@ -156,7 +159,7 @@ def lower(model: nn.Module, policy: Policy, cfg: LoweringConfig, input_shape: tu
         raise ValueError("lower() writes the exact FP32 graph; apply fp16_variant() to it")
     m = copy.deepcopy(model).eval()
     layers = _patch_weights(m)
-    if cfg.target == "tensorrt":
+    if get_target(cfg.target).signed_int8_only:
         _signed_activations(m)
     buf = io.BytesIO()
     x = torch.zeros((1, *input_shape))
@@ -187,22 +190,11 @@ def lower(model: nn.Module, policy: Policy, cfg: LoweringConfig, input_shape: tu
     return proto, m
 
 
-def export_float(checkpoint, out, opset: int = DEFAULT_OPSET):
+def export_float(checkpoint, out, opset: int = DEFAULT_OPSET) -> Path:
     """Write the fp32 ONNX (dynamic batch) of a float checkpoint (kind "float"); return the path."""
-    from pathlib import Path
-
-    from ..errors import CheckpointError
-    from ..io import atomic_write_bytes, load_checkpoint
-    from ..models import create_model
-
     require("onnx", "onnx")
-    ckpt = load_checkpoint(checkpoint, "float")
-    try:
-        chans, size = int(ckpt["in_chans"]), int(ckpt["input_size"])
-        model = create_model(ckpt["model_name"], num_classes=int(ckpt["num_classes"]), in_chans=chans)
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{checkpoint}: cannot rebuild its float model ({str(e).splitlines()[0][:200]})") from None
+    model, ckpt = load_model(checkpoint, "float")
+    chans, size = int(ckpt["in_chans"]), int(ckpt.get("input_size") or model_info(ckpt["model_name"]).input_size)
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from ..checkpoint import load_finetuned
 from ..errors import CheckpointError, ExportError
-from ..io import (
-    atomic_write_bytes,
-    atomic_write_json,
-    check_writable,
-    load_checkpoint,
-    machine_info,
-    provenance,
-    versions,
-)
+from ..io import atomic_write_bytes, atomic_write_json, check_writable, machine_info, provenance, versions
+from ..naming import export_dir
 from ..policy import Policy
 from ..progress import Callback, ProgressEvent, emit
-from .ort import ParityConfig
-from .trt import TrtConfig
+from ..targets import get_target
+from . import onnx_qdq as lq
+from .check import check_tensorrt
+from .ort import ParityConfig, integer_kernels, parity, test_loader
+from .trt import (
+    Runner,
+    TrtConfig,
+    build_engine,
+    compare_with_ort,
+    load_engine,
+    profile_engine,
+    require_tensorrt,
+)
 
 ONNX_NAME, REPORT_NAME = "model.qdq.onnx", "report.json"
 
@@ -46,47 +52,15 @@ class ExportConfig:
 
 
 def _outputs(cfg: ExportConfig) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else Path("export") / Path(cfg.policy).stem
-
-
-def load_model(policy: Policy, checkpoint: str | Path) -> tuple:
-    """Return (fake-quant model with the checkpoint's weights, checkpoint dict, the checkpoint's policy)."""
-    from ..models import create_model
-    from ..quant import apply_policy
-
-    ckpt = load_checkpoint(checkpoint, "finetuned")
-    try:
-        trained = Policy.from_dict(ckpt["policy"], f"{checkpoint} (embedded policy)")
-        name, classes, chans = ckpt["model_name"], int(ckpt["num_classes"]), int(ckpt["in_chans"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{checkpoint} lacks policy/model_name/num_classes/in_chans ({e})") from None
-    if name != policy.model:
-        raise CheckpointError(f"{checkpoint} holds model {name}, the policy is for {policy.model}")
-    diff = trained.diff(policy)
-    if diff:
-        raise CheckpointError(f"{checkpoint} was fine-tuned with another policy; differing layers: {', '.join(diff)}")
-    model = create_model(name, num_classes=classes, in_chans=chans)
-    structure = copy.deepcopy(trained)  # its target decides the deploy quantizers the weights were trained with
-    apply_policy(model, structure, validate=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint} does not fit {name} under the policy: "
-                              f"{str(e).replace(chr(10), ' ')[:300]}") from None
-    return model.eval(), ckpt, structure
+    return Path(cfg.out_dir) if cfg.out_dir else export_dir(cfg.policy)
 
 
 def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None = None,
                loader: Iterable | None = None) -> dict:
     """Export, check parity on real test images, optionally build a TensorRT engine; return report.json's dict."""
-    from ..targets import get_target
-    from . import onnx_qdq as lq
-    from .check import check_tensorrt
-    from .ort import integer_kernels, parity, test_loader
-
     policy = Policy.load(cfg.policy)
     target = cfg.target or policy.target
-    get_target(target)
+    tgt = get_target(target)
     lcfg = lq.LoweringConfig(target, cfg.opset, cfg.int4_storage, cfg.fp16_float_layers)
     opset = lq.resolve_opset(lcfg)
     out = _outputs(cfg)
@@ -94,23 +68,21 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
     for p in [onnx_path, report_path] + ([out / "model.engine", out / "latency.json"] if cfg.trt else []):
         check_writable(p, force)
     if cfg.trt:
-        from .trt import require_tensorrt
-
         require_tensorrt()  # before any file is written
-    model, ckpt, structure = load_model(policy, cfg.checkpoint)
+    model, ckpt, trained, deploy = load_finetuned(cfg.checkpoint, policy)
     lq.check_layer_types(model)
     lq.check_representable(model, policy, target)
     size = int(ckpt.get("input_size") or policy.cost.get("input_shape", [0, 0, 0])[-1])
     input_shape = (int(ckpt["in_chans"]), size, size)
     emit(callback, ProgressEvent("info", "export", message=f"lowering {policy.model} for {target} (opset {opset})"))
     ref = lq.prepare_model(model)
-    recorded = structure.to_dict()
+    recorded = {**trained.to_dict(), "deploy": {"quantizers": deploy}}  # the trained structure, with its target
     meta = {"asga.policy": json.dumps(recorded), "asga.target": target,
             "asga.provenance": json.dumps(provenance(checkpoint=str(cfg.checkpoint), policy_file=str(cfg.policy))),
             "asga.checkpoint_provenance": json.dumps(ckpt.get("provenance", {}), default=str)}
     proto, _ = lq.lower(ref, policy, lq.LoweringConfig(target, opset, cfg.int4_storage, False), input_shape, meta)
     exact = proto.SerializeToString()
-    problems = check_tensorrt(proto) if target == "tensorrt" else []
+    problems = check_tensorrt(proto) if tgt.static_check else []
     if problems:
         raise ExportError(f"the tensorrt export fails the static TensorRT check: {'; '.join(problems[:5])}")
     final = proto
@@ -119,10 +91,10 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
     data = final.SerializeToString()
     atomic_write_bytes(onnx_path, data)
     report = {"config": asdict(cfg), "target": target, "opset": opset, "onnx": str(onnx_path),
-              "policy": recorded, "deploy_quantizers": recorded.get("deploy", {}).get("quantizers", []),
+              "policy": recorded, "deploy_quantizers": deploy,
               "sizes": lq.size_report(proto, data, {n: b.weight_bits for n, b in policy.layers.items()}),
               "machine": machine_info(), "versions": versions(), "provenance": provenance()}
-    if target == "tensorrt":
+    if tgt.static_check:
         report["tensorrt_static_check"] = {"problems": problems, "passed": not problems}
     emit(callback, ProgressEvent("info", "export", message=f"parity on {cfg.parity.images} test images"))
     if loader is None:
@@ -137,7 +109,7 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
                                      "grid (input scale x weight scale) as integer kernels add it")
     report["parity"]["graph"] = "fp32 twin of the FP16 file" if cfg.fp16_float_layers else "the written file"
     report["parity"]["time_s"] = time.perf_counter() - t0
-    if target in ("ort", "sim"):
+    if tgt.integer_kernel_report:
         report["ort_integer_kernels"] = integer_kernels(data, cfg.parity.threads)
     if not report["parity"]["passed"]:
         report["status"] = "parity_failed"
@@ -157,10 +129,6 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
 
 def _tensorrt(onnx_path: Path, out: Path, cfg: ExportConfig, policy: Policy, loader: Iterable) -> dict:
     """Build model.engine, time it, check layer precisions against the policy, compare with ORT."""
-    import torch
-
-    from .trt import Runner, build_engine, compare_with_ort, load_engine, profile_engine
-
     built = build_engine(onnx_path, out, cfg.trt_config)
     prof = profile_engine(built["engine"], cfg.trt_config, list(policy.layers), list(policy.float_layers))
     trt, engine = load_engine(built["engine"])

@@ -17,6 +17,8 @@ import numpy as np
 
 from ..errors import ExportError, MissingDependencyError, require
 from ..io import atomic_write_bytes, atomic_write_text
+from .ort import session
+from .timing import percentiles
 
 _KEEP: list = []
 INSTALL_HINT = ("pip install 'asga-deploy[trt]' on a machine with an NVIDIA GPU and driver, or run the "
@@ -176,8 +178,6 @@ class Runner:
 
 def time_engine(runner: Runner, batch_sizes, warmup: int, iters: int) -> list[dict]:
     """Return CUDA-event latency percentiles per batch size (batches above the profile's max skipped)."""
-    from .latency import percentiles
-
     torch = runner.torch
     res = []
     for b in batch_sizes:
@@ -268,8 +268,6 @@ def check_precisions(layers: list[dict], quantized: list[str], float_layers: lis
 
 def compare_with_ort(runner: Runner, onnx_path: str | Path, images) -> dict:
     """Return ONNX Runtime (CPU) vs TensorRT top-1 agreement and logit differences on images (N,C,H,W)."""
-    from .ort import session
-
     torch = runner.torch
     sess = session(onnx_path)
     name = sess.get_inputs()[0].name

@@ -7,22 +7,21 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..models import set_module
 from ..policy import Policy, validate_policy
-from ..targets import TARGETS
+from ..targets import get_target
 from .modules import QuantConv2d, QuantLinear
 from .quantizers import FakeQuantizer
+from .residual import insert_deploy_quantizers
+from .tracing import trace
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+def apply_policy(model: nn.Module, policy: Policy, validate: bool = True, source: str = "<policy>") -> list[dict]:
+    """Swap each policy layer of model for its quantized version (in place); return the deploy quantizers added.
 
-
-def apply_policy(model: nn.Module, policy: Policy, validate: bool = True, source: str = "<policy>") -> nn.Module:
-    """Return model with each policy layer swapped for its quantized version (in place); float layers kept.
-
-    Weight step sizes are initialised by MSE at once; activation step sizes need `calibrate`.
-    On a target with residual quantization (ort), 8-bit quantizers are also placed around residual Adds.
+    Float layers are kept. Weight step sizes are initialised by MSE at once; activation step sizes need
+    `calibrate`. On a target with residual quantization (ort), 8-bit quantizers are also placed around
+    residual Adds and conv outputs: their records (name, role, sign) are returned; the policy is not changed.
     """
     if validate:
         validate_policy(policy, model, source)
@@ -31,12 +30,8 @@ def apply_policy(model: nn.Module, policy: Policy, validate: bool = True, source
         if isinstance(m, (QuantConv2d, QuantLinear)):
             raise ValueError(f"layer {name} is already quantized")
         cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
-        _set_module(model, name, cls.from_float(m, bits.weight_bits, bits.act_bits, bits.act_signed))
-    if TARGETS[policy.target].residual_quant:
-        from .residual import insert_deploy_quantizers
-
-        policy.deploy = {**policy.deploy, "quantizers": insert_deploy_quantizers(model)}
-    return model
+        set_module(model, name, cls.from_float(m, bits.weight_bits, bits.act_bits, bits.act_signed))
+    return insert_deploy_quantizers(model) if get_target(policy.target).residual_quant else []
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
@@ -85,22 +80,6 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: in
     return len(quants)
 
 
-class LeafTracer(torch.fx.Tracer):
-    """fx tracer that keeps quantized layers and quantizers as single call_module nodes."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantConv2d, QuantLinear, FakeQuantizer)) or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> torch.fx.GraphModule | None:
-    """Return an fx GraphModule of model with quantized layers as leaves, or None if untraceable."""
-    try:
-        graph = LeafTracer().trace(model)
-    except Exception:
-        return None
-    return torch.fx.GraphModule(model, graph)
-
-
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """Return (conv, bn) module-name pairs where the BN consumes only that conv's output."""
     gm = trace(model)
@@ -139,5 +118,5 @@ def fold_bn(model: nn.Module) -> list[tuple[str, str]]:
         conv.bias = nn.Parameter(new_bias)
         if isinstance(conv, QuantConv2d):
             conv.weight_quantizer.scale.copy_(conv.weight_quantizer.step() * c.abs())
-        _set_module(model, bn_name, nn.Identity())
+        set_module(model, bn_name, nn.Identity())
     return pairs

@@ -31,6 +31,7 @@ from torch import nn
 
 from .modules import QuantConv2d, QuantLinear
 from .quantizers import FakeQuantizer
+from .tracing import trace_graph
 
 CONTAINER = "deploy_quant"
 _ADD_FUNCS = (operator.add, operator.iadd, torch.add)
@@ -154,13 +155,10 @@ def insert_deploy_quantizers(model: nn.Module) -> list[dict]:
 
     Returns [] and leaves the model unchanged when it has no place for them or is not fx-traceable.
     """
-    from .apply import LeafTracer
-
     if hasattr(model, CONTAINER):
         raise ValueError(f"model already carries {CONTAINER}")
-    try:
-        graph = LeafTracer().trace(model)
-    except Exception:
+    graph = trace_graph(model)
+    if graph is None:
         return []
     plan = _Planner(model, graph)
     for node in list(graph.nodes):  # conv outputs first: one shared Q makes the conv a full node unit

@@ -16,6 +16,12 @@ from torch import nn
 
 OBJECTIVES = ("erm", "sam", "sam-align", "asga")
 RHO_RULES = ("rel", "literal", "fixed")
+FIXED_RHO = ("sam", "sam-align")  # the ablation's baselines keep rho = epsilon; only asga adapts it
+
+
+def rho_rule_for(objective: str, rule: str | None) -> str:
+    """Return the radius rule an objective runs: `rule` (default "rel") for asga and erm, "fixed" for sam/sam-align."""
+    return "fixed" if objective in FIXED_RHO else (rule or "rel")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,10 +94,9 @@ class ASGAStep:
         self.net, self.w_params, self.a_params = net, w_params, a_params
         self.w_opt, self.a_opt, self.objective = w_opt, a_opt, objective
         self.gamma = 0.0 if objective == "sam" else gamma  # SAM is SAGM with gamma = 0
-        # sam and sam-align use a fixed radius (the ablation); asga adapts it
         self.radius = radius or Radius()
-        if objective in ("sam", "sam-align"):
-            self.radius = Radius("fixed", self.radius.epsilon, self.radius.rho_min)
+        if self.radius.rule != rho_rule_for(objective, self.radius.rule):
+            self.radius = Radius(rho_rule_for(objective, None), self.radius.epsilon, self.radius.rho_min)
         self.cost_fn = cost_fn
         self._saved: list[torch.Tensor] = []
 

@@ -5,20 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_writable
+from ..naming import free_stem
 from ..policy import Policy
 from ..report.plots import plot_bits, plot_panels
-
-
-def policy_stem(pol: Policy, method: str, out_dir: Path, name: str | None, force: bool) -> str:
-    """Return <model>-<method>-r<NN> (NN: BitOPs % of W8A8); a taken name gets -2, -3 ... unless force."""
-    if name:
-        return name
-    base = f"{pol.model}-{method}-r{round(100 * pol.cost['bitops_vs_w8a8']):02d}"
-    stem, k = base, 2
-    while not force and (out_dir / f"{stem}.json").exists():  # keep earlier searches: policies are reviewed
-        stem, k = f"{base}-{k}", k + 1
-    return stem
 
 
 def write_plots(pol: Policy, log: list[dict], out_dir: Path, stem: str) -> list[Path]:
@@ -41,15 +31,14 @@ def write_plots(pol: Policy, log: list[dict], out_dir: Path, stem: str) -> list[
     return [bits, rho, cost]
 
 
-def finish(pol: Policy, state: dict, out_dir: str | Path, name: str | None, force: bool, cfg) -> Path:
-    """Write the search log and plots, then the policy (atomic, last: its presence marks a finished search)."""
-    out_dir = Path(out_dir)
-    stem = policy_stem(pol, cfg.objective, out_dir, name, force)
-    path = out_dir / f"{stem}.json"
-    if path.exists() and not force:
-        from ..errors import OutputExistsError
+def finish(pol: Policy, state: dict, out_dir: str | Path, name: str | None, force: bool, stem: str) -> Path:
+    """Write the search log and plots, then the policy (atomic, last: its presence marks a finished search).
 
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
+    The file is <name>.json, or <stem>.json with -2, -3 ... appended while taken (unless force).
+    """
+    out_dir = Path(out_dir)
+    stem = name or free_stem(out_dir, stem, force=force)
+    path = check_writable(out_dir / f"{stem}.json", force)
     atomic_write_text(out_dir / f"{stem}.search.jsonl", "".join(json.dumps(r) + "\n" for r in state["log"]))
     write_plots(pol, state["log"], out_dir, stem)
     pol.provenance["search_log"] = f"{stem}.search.jsonl"

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Subset
 
 from ..errors import DatasetError
-from .run import SearchConfig, SearchData
+from .config import SearchConfig, SearchData
 
 
 def proxy_data(cfg: SearchConfig, data_dir: str | Path | None = None, download: bool = False,

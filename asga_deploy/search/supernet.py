@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cost import LayerCost, w8a8_bitops
+from ..cost import CostTable, LayerCost
 from ..errors import PolicyError, UnsupportedTargetError
+from ..models import set_module
 from ..policy import LayerBits, Policy, compute_cost
 from ..quant.modules import input_quantizer, shell_like, weight_quantizer
 from ..targets import BITS_RANGE, get_target
@@ -139,11 +140,6 @@ def narrow(bits: tuple[int, ...], allowed: tuple[int, ...], replace: bool) -> tu
     return tuple(sorted(out))
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 @torch.no_grad()
 def _layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Return the input each named layer sees on batch x (float model, eval mode)."""
@@ -170,8 +166,7 @@ class Supernet(nn.Module):
         self.model = model
         self.model_name, self.costs, self.searched, self.edges = model_name, costs, searched, edges
         self.target, self.num_classes, self.input_shape = target, num_classes, tuple(input_shape)
-        self.ref_bitops = w8a8_bitops(searched, costs)
-        self.ref_weight_bits = sum(costs[n].params * 8 for n in searched)
+        self.table = CostTable(costs, tuple(searched))
 
     @classmethod
     def build(cls, model: nn.Module, model_name: str, costs: dict[str, LayerCost], calib_x: torch.Tensor,
@@ -198,7 +193,7 @@ class Supernet(nn.Module):
         for n, (w, a, signed) in plan.items():
             m = model.get_submodule(n)
             cls_ = MixedConv2d if isinstance(m, nn.Conv2d) else MixedLinear
-            _set_module(model, n, cls_.from_float(m, w, a, signed, inputs[n], alpha_init))
+            set_module(model, n, cls_.from_float(m, w, a, signed, inputs[n], alpha_init))
         return cls(model, model_name, costs, searched, edges, target, num_classes, input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,14 +217,17 @@ class Supernet(nn.Module):
         for m in self.mixed_layers().values():
             m.tau = float(tau)
 
+    def options(self) -> dict[str, list[tuple[int, int]]]:
+        """Return per searched layer its (w, a) options, weight-major (the order of extraction values)."""
+        return {n: [(w, a) for w in m.w_bits for a in m.a_bits] for n, m in self.mixed_layers().items()}
+
     def expected_cost(self, metric: str = "bitops") -> torch.Tensor:
-        """Return C(alpha) as a ratio of the W8A8 reference: BitOPs (E[b_w] E[b_a] MACs) or weight bits."""
+        """Return C(alpha) as a ratio of the W8A8 reference; cost is bilinear in (w, a), so E[cost] = cost(E[w], E[a])."""
         total = 0.0
         for n, m in self.mixed_layers().items():
             ew, ea = m.expected_bits()
-            c = self.costs[n]
-            total = total + (c.macs * ew * ea if metric == "bitops" else c.params * ew)
-        return total / (self.ref_bitops if metric == "bitops" else self.ref_weight_bits)
+            total = total + self.table.unit_cost(metric, n, ew, ea)
+        return total / self.table.reference(metric)
 
     def argmax_choice(self) -> dict[str, tuple[int, int]]:
         """Return {layer: (w, a)} of the largest logits."""
@@ -238,9 +236,7 @@ class Supernet(nn.Module):
 
     def cost_ratio(self, choice: dict[str, tuple[int, int]], metric: str = "bitops") -> float:
         """Return the exact cost of a discrete choice as a ratio of the W8A8 reference."""
-        if metric == "bitops":
-            return sum(self.costs[n].bitops(w, a) for n, (w, a) in choice.items()) / self.ref_bitops
-        return sum(self.costs[n].params * w for n, (w, _) in choice.items()) / self.ref_weight_bits
+        return self.table.ratio(metric, choice)
 
     def derive_policy(self, choice: dict[str, tuple[int, int]] | None = None, edge_bits: str = "8",
                       provenance: dict | None = None) -> Policy:
@@ -254,8 +250,7 @@ class Supernet(nn.Module):
             elif edge_bits == "float":
                 floats.append(n)
             else:  # the highest bits <= 8 the target runs (TensorRT: unsigned A7)
-                a = max(b for b in tgt.act_bits(c.input_signed) if b <= 8)
-                layers[n] = LayerBits(8, a, c.input_signed)
+                layers[n] = LayerBits(*tgt.highest(c.input_signed), c.input_signed)
         pol = Policy(self.model_name, self.target, layers, floats, provenance=dict(provenance or {}))
         pol.cost = compute_cost(pol, self.costs, self.input_shape, self.num_classes, list(self.edges))
         return pol

@@ -1,0 +1,273 @@
+"""Budgets: what a policy may cost (BitOPs, weight size), one limit or several at once, and the exact
+solvers that pick the best per-layer choices within them (method.md sections 6 and 9).
+
+A `Budget` is a set of `Limit`s and a tolerance. A policy meets it when every limit's cost is at most
+its bound T and at least one limit is used to within the tolerance, (1 - tol) T <= cost: the window
+`Budget.window` is the one place that defines it. One limit is solved by dynamic programming over the
+cost axis (a multiple-choice knapsack); several by an integer program (scipy.optimize.milp).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .cost import CostTable
+from .errors import BudgetError
+from .targets import Target
+
+MAX_BINS = 200_000  # exact DP when the cost grid (gcd of option costs) is at most this fine
+_UNITS = {"bitops": 1.0, "size": 8e6}  # absolute limits: BitOPs, and megabytes of weights (in bits)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One bound: `metric` ("bitops" | "size"), relative to the W8A8 reference or absolute (BitOPs, MB)."""
+
+    metric: str
+    value: float
+    relative: bool = True
+    flag: str = ""  # how the user wrote it, for messages
+
+    def bound(self, table: CostTable) -> int:
+        """Return the upper bound T in the metric's integer unit."""
+        scale = table.reference(self.metric) if self.relative else _UNITS[self.metric]
+        return math.floor(self.value * scale + 1e-9)
+
+    def ratio(self, table: CostTable) -> float:
+        """Return T as a ratio of the W8A8 reference."""
+        ref = table.reference(self.metric)
+        return self.bound(table) / ref if ref else 0.0
+
+    def tag(self) -> str:
+        """Return the short name used in artifact names (r12.5 = 12.5% of W8A8 BitOPs)."""
+        if self.metric == "bitops":
+            return f"r{100 * self.value:g}" if self.relative else f"{self.value / 1e9:g}gbops"
+        return f"{100 * self.value:g}pct-size" if self.relative else f"{self.value:g}mb"
+
+    def describe(self) -> str:
+        """Return the limit as the user gave it."""
+        return self.flag or f"{self.metric} {'ratio ' if self.relative else ''}{self.value:g}"
+
+
+def _positive(value: float, flag: str) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise BudgetError(f"{flag} {value}: must be a positive finite number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits a policy must meet, and the tolerance of the window below the binding one."""
+
+    limits: tuple[Limit, ...]
+    tol: float = 0.03
+
+    def __post_init__(self) -> None:
+        if not self.limits:
+            raise BudgetError("a budget needs at least one limit")
+        if not (math.isfinite(self.tol) and 0.0 < self.tol < 1.0):
+            raise BudgetError(f"--tol {self.tol}: must be in (0, 1)")
+
+    @classmethod
+    def from_options(cls, bitops: float | None = None, gbitops: float | None = None,
+                     weight_mb: float | None = None, tol: float = 0.03) -> Budget | None:
+        """Return the budget of the CLI options (None when no limit is given); check every value."""
+        limits = []
+        if bitops is not None:
+            _positive(bitops, "--budget-bitops")
+            if bitops > 1:
+                raise BudgetError(f"--budget-bitops {bitops:g} is a ratio of W8A8 BitOPs in (0, 1]; for absolute "
+                                  f"BitOPs write --budget-gbitops {bitops / 1e9:g}")
+            limits.append(Limit("bitops", bitops, True, f"--budget-bitops {bitops:g}"))
+        if gbitops is not None:
+            limits.append(Limit("bitops", _positive(gbitops, "--budget-gbitops") * 1e9, False,
+                                f"--budget-gbitops {gbitops:g}"))
+        if weight_mb is not None:
+            limits.append(Limit("size", _positive(weight_mb, "--budget-weight-mb"), False,
+                                f"--budget-weight-mb {weight_mb:g}"))
+        return cls(tuple(limits), tol) if limits else None
+
+    def window(self, limit: Limit, table: CostTable) -> tuple[int, int]:
+        """Return (lo, hi): the integer costs of `limit` inside [(1 - tol) T, T]."""
+        hi = limit.bound(table)
+        return math.ceil((1.0 - self.tol) * hi - 1e-9), hi
+
+    def costs(self, table: CostTable, bits: Mapping[str, tuple[int, int]]) -> list[int]:
+        """Return the cost of a choice under each limit's metric."""
+        return [table.total(lim.metric, bits) for lim in self.limits]
+
+    def meets(self, table: CostTable, bits: Mapping[str, tuple[int, int]]) -> bool:
+        """Return whether a choice is at most every bound and inside the window of at least one limit."""
+        windows = [self.window(lim, table) for lim in self.limits]
+        costs = self.costs(table, bits)
+        return all(c <= hi for c, (_, hi) in zip(costs, windows, strict=True)) and any(
+            lo <= c for c, (lo, _) in zip(costs, windows, strict=True))
+
+    def tag(self) -> str:
+        """Return the short name of the budget in artifact names."""
+        return "-".join(lim.tag() for lim in self.limits)
+
+    def describe(self) -> str:
+        """Return the budget as the user gave it."""
+        return ", ".join(lim.describe() for lim in self.limits) + f" (tolerance {self.tol:g})"
+
+    def uniform_matches(self, table: CostTable, target: Target) -> list[tuple[int, int]]:
+        """Return the uniform (w, a) choices of the target that meet the budget (signed inputs at their own bits)."""
+        out = []
+        for w in target.weight_bits:
+            for a in target.act_bits(False):
+                bits = {n: target.clamp_bits(w, a, table.layers[n].input_signed) for n in table.counted}
+                if self.meets(table, bits):
+                    out.append((w, a))
+        return out
+
+    def solve(self, table: CostTable, options: Mapping[str, Sequence[tuple[int, int]]],
+              values: Mapping[str, Sequence[float]]) -> tuple[dict[str, tuple[int, int]], dict]:
+        """Return the choice maximising the sum of `values` that meets the budget, and facts about the solve.
+
+        `options[layer]` lists the (w, a) choices of each counted layer, `values[layer]` their values.
+        Raise BudgetError (naming the nearest feasible costs) when no choice meets the budget.
+        """
+        names = list(options)
+        costs = [[np.array([table.unit_cost(lim.metric, n, w, a) for w, a in options[n]], dtype=np.int64)
+                  for n in names] for lim in self.limits]
+        vals = [np.asarray(values[n], dtype=np.float64) for n in names]
+        windows = [self.window(lim, table) for lim in self.limits]
+        if len(self.limits) == 1:
+            sol = mck_solve(costs[0], vals, *windows[0])
+            method = "dp" if sol is None or sol[2] else "dp-coarse"
+            picks = None if sol is None else sol[0]
+        else:
+            picks = milp_solve(costs, vals, windows)
+            method = "milp"
+        if picks is None:
+            raise BudgetError(self._infeasible(table, costs, windows))
+        choice = {n: tuple(options[n][k]) for n, k in zip(names, picks, strict=True)}
+        got = self.costs(table, choice)
+        return choice, {"method": method, "exact": method != "dp-coarse",
+                        "value": float(sum(v[k] for v, k in zip(vals, picks, strict=True))),
+                        "cost_ratios": {lim.describe(): g / table.reference(lim.metric)
+                                        for lim, g in zip(self.limits, got, strict=True)}}
+
+    def check_feasible(self, table: CostTable, options: Mapping[str, Sequence[tuple[int, int]]]) -> None:
+        """Raise BudgetError, saying the feasible range, when no choice of the options meets the budget."""
+        for lim in self.limits:
+            ref = table.reference(lim.metric)
+            lo = sum(min(table.unit_cost(lim.metric, n, w, a) for w, a in opts) for n, opts in options.items())
+            hi = sum(max(table.unit_cost(lim.metric, n, w, a) for w, a in opts) for n, opts in options.items())
+            t = lim.bound(table)
+            if t < lo:
+                raise BudgetError(f"budget {lim.describe()} = {t / ref:.4g} of W8A8 is below the cheapest policy of "
+                                  f"these candidates; feasible range {lo / ref:.4g}..{hi / ref / (1 - self.tol):.4g} "
+                                  f"of W8A8 (tolerance {self.tol:g})")
+            if len(self.limits) == 1 and (1.0 - self.tol) * t > hi:
+                raise BudgetError(f"budget {lim.describe()} = {t / ref:.4g} of W8A8 is above the most expensive "
+                                  f"policy of these candidates; feasible range {lo / ref:.4g}.."
+                                  f"{hi / ref / (1 - self.tol):.4g} of W8A8 (tolerance {self.tol:g})")
+        self.solve(table, options, {n: np.zeros(len(o)) for n, o in options.items()})
+
+    def _infeasible(self, table: CostTable, costs: list, windows: list) -> str:
+        if len(self.limits) == 1:  # discrete costs can step over the whole window: name the nearest policies
+            c, (lo, hi) = costs[0], windows[0]
+            ref = table.reference(self.limits[0].metric)
+            below = mck_solve(c, [x.astype(float) for x in c], 0, lo - 1) if lo > 0 else None
+            above = mck_solve(c, [-x.astype(float) for x in c], hi + 1, sum(int(x.max()) for x in c))
+            near = [f"{x[1] / ref:.4g}" for x in (below, above) if x is not None]
+            return (f"budget {self.describe()}: no policy of these candidates costs {lo / ref:.4g}..{hi / ref:.4g} of "
+                    f"W8A8 (nearest: {' and '.join(near) or 'none'}); change the budget or widen --tol")
+        return f"budget {self.describe()}: no policy of these candidates meets all limits at once; loosen one"
+
+
+def mck_solve(costs: list[np.ndarray], values: list[np.ndarray], lo: int, hi: int
+              ) -> tuple[list[int], int, bool] | None:
+    """Return (option per group, total cost, exact) maximising sum of values with lo <= cost <= hi, or None.
+
+    Dynamic programming over the cost axis. Grid unit = gcd of all option costs when that gives at most
+    MAX_BINS cells (then the optimum is exact); otherwise a coarser grid where each cell keeps its best
+    state with its EXACT cost, so the answer is always exactly feasible (optimal up to the grid).
+    """
+    if hi < 0:
+        return None
+    unit = int(np.gcd.reduce(np.concatenate(costs))) or 1
+    exact = hi // unit <= MAX_BINS
+    if not exact:
+        unit = -(-hi // MAX_BINS)
+    nb = hi // unit + 1
+    best = np.full(nb, -np.inf)
+    total = np.zeros(nb, dtype=np.int64)
+    best[0] = 0.0
+    back = []
+    for c, v in zip(costs, values, strict=True):
+        live = np.nonzero(best > -np.inf)[0]
+        cc = (total[live][:, None] + c[None, :]).ravel()
+        vv = (best[live][:, None] + v[None, :]).ravel()
+        prev = np.repeat(live, len(c))
+        opt = np.tile(np.arange(len(c)), len(live))
+        ok = cc <= hi
+        cc, vv, prev, opt = cc[ok], vv[ok], prev[ok], opt[ok]
+        cell = cc // unit
+        order = np.lexsort((-vv, cell))  # per cell, the best value first
+        cell, first = np.unique(cell[order], return_index=True)
+        pick = order[first]
+        best = np.full(nb, -np.inf)
+        total = np.zeros(nb, dtype=np.int64)
+        best[cell], total[cell] = vv[pick], cc[pick]
+        prev_of, opt_of = np.full(nb, -1), np.full(nb, -1)
+        prev_of[cell], opt_of[cell] = prev[pick], opt[pick]
+        back.append((prev_of, opt_of))
+    ok = (best > -np.inf) & (total >= lo) & (total <= hi)
+    if not ok.any():
+        return None
+    cell = int(np.argmax(np.where(ok, best, -np.inf)))
+    cost = int(total[cell])
+    picks = []
+    for prev_of, opt_of in reversed(back):
+        picks.append(int(opt_of[cell]))
+        cell = int(prev_of[cell])
+    return picks[::-1], cost, exact
+
+
+def milp_solve(costs: list[list[np.ndarray]], values: list[np.ndarray], windows: list[tuple[int, int]]
+               ) -> list[int] | None:
+    """Return the option per group maximising the sum of values, every cost <= its hi and at least one >= its lo.
+
+    `costs[i][g]` are the costs of group g's options under limit i. The "at least one" is solved
+    exactly as one integer program per limit (that limit's window both ways, the others' upper bounds),
+    keeping the best; None when none is feasible.
+    """
+    sizes = [len(v) for v in values]
+    n = sum(sizes)
+    c = -np.concatenate(values)  # milp minimises
+    one_per_group = np.zeros((len(sizes), n))
+    start = 0
+    for g, k in enumerate(sizes):
+        one_per_group[g, start:start + k] = 1.0
+        start += k
+    rows = [np.concatenate(ci).astype(np.float64) for ci in costs]
+    scale = [max(float(r.max()), 1.0) for r in rows]  # keep the constraint matrix well conditioned
+    best, best_val = None, -np.inf
+    for i in range(len(rows)):
+        cons = [LinearConstraint(one_per_group, 1.0, 1.0)]
+        for j, (r, (lo, hi)) in enumerate(zip(rows, windows, strict=True)):
+            cons.append(LinearConstraint(r / scale[j], (lo if j == i else -np.inf) / scale[j], hi / scale[j]))
+        res = milp(c, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1))
+        if res.status != 0 or res.x is None:
+            continue
+        x = np.round(res.x).astype(int)
+        picks, start = [], 0
+        for k in sizes:
+            picks.append(int(np.argmax(x[start:start + k])))
+            start += k
+        exact_costs = [sum(int(ci[g][p]) for g, p in enumerate(picks)) for ci in costs]
+        if not all(cost <= hi for cost, (_, hi) in zip(exact_costs, windows, strict=True)) or \
+                exact_costs[i] < windows[i][0]:
+            continue  # scaled rounding put it outside: treat as infeasible for this binding limit
+        val = float(sum(v[p] for v, p in zip(values, picks, strict=True)))
+        if val > best_val:
+            best, best_val = picks, val
+    return best

@@ -1,0 +1,275 @@
+"""The search as a recipe (torchtune style): setup -> epochs (each checkpointed) -> finish.
+
+`prepare` validates the config and builds the supernet before anything is written; `SearchRecipe`
+owns the optimisers, the radius, the budget controller and the run state, and resumes exactly from
+its per-epoch checkpoint (the data order is a function of (seed, epoch) only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..budget import Budget
+from ..checkpoint import (
+    load_checkpoint,
+    load_weights,
+    plain_provenance,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ..cost import layer_costs
+from ..errors import AsgaError, BudgetError, CheckpointError, OutputExistsError, TrainingDivergedError
+from ..io import atomic_write_text, provenance
+from ..models import create_model, edge_layers
+from ..policy import validate_policy
+from ..progress import Callback, ProgressEvent, emit
+from .config import RESUME_FREE, SearchConfig, SearchData, SearchDiagnosticError, SearchResult
+from .controller import Controller, choice_distance, extract, max_prob_fraction, temperature
+from .objective import OBJECTIVES, RHO_RULES, ASGAStep, NonFiniteLoss, Radius
+from .outputs import finish
+from .supernet import Supernet, check_bits
+
+
+def build_model(cfg: SearchConfig, data: SearchData) -> tuple[torch.nn.Module, dict]:
+    """Return the float model for the supernet (scratch, float checkpoint or torchvision) and its record."""
+    if cfg.init == "scratch":
+        return create_model(cfg.model, data.num_classes, data.in_chans), {"init": "scratch"}
+    if cfg.init == "torchvision":
+        model = create_model(cfg.model, data.num_classes, data.in_chans, weights="torchvision")
+        return model, {"init": "torchvision", "note": "pretrained backbone, new classifier head"}
+    ckpt = load_checkpoint(cfg.init, "float")
+    model = load_weights(create_model(cfg.model, data.num_classes, data.in_chans), cfg.init, cfg.model)
+    return model, {"init": "float", "checkpoint": str(cfg.init), "checkpoint_dataset": ckpt.get("dataset"),
+                   "checkpoint_provenance": ckpt.get("provenance", {})}
+
+
+def _first_batch(data: SearchData) -> torch.Tensor:
+    for x, _ in data.train(0):
+        return x
+    raise BudgetError(f"dataset {data.name} yields no batch")  # pragma: no cover - data.py refuses empty sets
+
+
+def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, Budget | None]:
+    """Validate the config and build the supernet; return (net, init record, budget)."""
+    for name, val, allowed in (("objective", cfg.objective, OBJECTIVES), ("rho rule", cfg.rho_rule, RHO_RULES),
+                               ("alpha data", cfg.alpha_data, ("same", "heldout")),
+                               ("edge bits", cfg.edge_bits, ("8", "float"))):
+        if val not in allowed:
+            raise AsgaError(f"{name} {val!r} unknown; choose one of {', '.join(allowed)}")
+    check_bits(cfg.weight_bits, "weight")
+    check_bits(cfg.act_bits, "activation")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise AsgaError(f"epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be at least 1")
+    budget = cfg.budget()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model, init = build_model(cfg, data)
+    calib = _first_batch(data)
+    shape = (data.in_chans, data.input_size, data.input_size)
+    size = cfg.cost_input_size or data.input_size
+    signs = layer_costs(model, shape, example=calib)  # sign of each input read from real data
+    costs = {n: type(c)(c.name, c.kind, c.macs, c.params, signs[n].input_signed)
+             for n, c in layer_costs(model, (data.in_chans, size, size)).items()}
+    edges = [] if cfg.search_edges else edge_layers(model)
+    net = Supernet.build(model, cfg.model, costs, calib, cfg.weight_bits, cfg.act_bits, cfg.target, edges,
+                         cfg.replace_unsupported, cfg.alpha_init, data.num_classes, (data.in_chans, size, size))
+    if budget is not None:
+        budget.check_feasible(net.table, net.options())
+    return net, init, budget
+
+
+class SearchRecipe:
+    """One search run: supernet, optimisers, radius, controller and log, checkpointed every epoch."""
+
+    def __init__(self, cfg: SearchConfig, data: SearchData, run_dir: Path, command: str | None = None,
+                 callback: Callback | None = None):
+        self.cfg, self.data, self.run_dir, self.command, self.callback = cfg, data, Path(run_dir), command, callback
+        self.net, self.init, self.budget = prepare(cfg, data)  # every input check happens before any write
+        self.limits = self.budget.limits if self.budget else ()
+        self.ratios = [lim.ratio(self.net.table) for lim in self.limits]
+        self.metric = self.limits[0].metric if self.limits else "bitops"  # what the log and plots show
+        w_params, a_params = self.net.weight_parameters(), self.net.arch_parameters()
+        decay = [p for p in w_params if p.dim() > 1]
+        rest = [p for p in w_params if p.dim() <= 1]
+        self.w_opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest}],
+                                     lr=cfg.lr, momentum=cfg.momentum)
+        self.a_opt = torch.optim.Adam(a_params, lr=cfg.alpha_lr, weight_decay=0.0)
+        self.radius = Radius(cfg.rho_rule, cfg.epsilon, cfg.rho_min)
+        self.ctrl = Controller(1.0 if self.limits else None, cfg.lam, cfg.k_p, cfg.eta)
+        self.stepper = ASGAStep(self.net, w_params, a_params, self.w_opt, self.a_opt, cfg.objective, cfg.gamma,
+                                self.radius, cost_fn=self.budget_use)
+        self.total = cfg.epochs * data.steps_per_epoch
+        self.state = {"log": [], "epochs": [], "argmax": None, "argmax_changed_epoch": 0, "loss_at_change": None}
+        self.start_epoch = 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def budget_use(self) -> torch.Tensor:
+        """Return the expected cost of the tightest limit over its bound (the controller drives it to 1).
+
+        Soft budget: the expected BitOPs ratio, to which a fixed lambda is applied.
+        """
+        if not self.limits:
+            return self.net.expected_cost("bitops")
+        return torch.stack([self.net.expected_cost(lim.metric) / r
+                            for lim, r in zip(self.limits, self.ratios, strict=True)]).max()
+
+    # ------------------------------------------------------------------ checkpoint
+    def resume(self) -> None:
+        """Restore every state from the run folder's checkpoint (refusing one written by another search)."""
+        ck = load_checkpoint(self.ckpt_path, "search")
+        current = self.cfg.as_dict()
+        diff = [k for k, v in current.items() if k not in RESUME_FREE and ck["config"].get(k) != v]
+        if diff or ck.get("dataset_fingerprint") != self.data.fingerprint:
+            raise CheckpointError(f"{self.ckpt_path} was written by another search (differs in: "
+                                  f"{', '.join(diff) or 'dataset fingerprint'}); use --force to restart")
+        self.net.load_state_dict(ck["model"])
+        self.w_opt.load_state_dict(ck["optimizer"]["w"])
+        self.a_opt.load_state_dict(ck["optimizer"]["a"])
+        self.radius.load_state_dict(ck["radius"])
+        self.ctrl.load_state_dict(ck["controller"])
+        self.state = ck["state"]
+        set_rng_state(ck["rng"])
+        self.start_epoch = ck["epoch"]
+
+    def save(self, epoch: int, metrics: dict) -> None:
+        """Write checkpoint.pt (atomically) and log.jsonl after an epoch."""
+        d = self.data
+        save_checkpoint({"kind": "search", "model": self.net.state_dict(), "model_name": self.cfg.model,
+                         "num_classes": d.num_classes, "in_chans": d.in_chans, "input_size": d.input_size,
+                         "dataset": d.name, "dataset_fingerprint": d.fingerprint, "config": self.cfg.as_dict(),
+                         "metrics": metrics, "provenance": plain_provenance(self.command), "epoch": epoch,
+                         "optimizer": {"w": self.w_opt.state_dict(), "a": self.a_opt.state_dict()},
+                         "scheduler": None, "radius": self.radius.state_dict(), "controller": self.ctrl.state_dict(),
+                         "state": self.state, "rng": rng_state()}, self.ckpt_path)
+        atomic_write_text(self.run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.state["log"]))
+
+    # ------------------------------------------------------------------ the loop
+    def step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor, held) -> dict:
+        """Run one search iteration at global step t; return its log record."""
+        cfg, net = self.cfg, self.net
+        t = epoch * self.data.steps_per_epoch + i
+        tau = temperature(t, self.total, cfg.tau_start, cfg.tau_end)
+        net.set_temperature(tau)
+        lr = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * t / self.total))  # cosine, a function of the step
+        for g in self.w_opt.param_groups:
+            g["lr"] = lr
+        with torch.no_grad():
+            use = float(self.budget_use())
+            c_exp = float(net.expected_cost(self.metric))
+        lam = self.ctrl(t, self.total, use)
+        t0 = time.perf_counter()
+        try:
+            st = self.stepper.step(x, y, lam, held)
+        except NonFiniteLoss as e:
+            kept = (f"the last good checkpoint {self.ckpt_path} (epoch {epoch}) is kept" if epoch > 0
+                    else "no checkpoint was written yet")
+            raise TrainingDivergedError(f"non-finite loss at epoch {epoch + 1} step {i + 1} (global step "
+                                        f"{t + 1}): {e}; {kept}; lower --lr or check the data") from None
+        scale = self.ratios[0] if self.limits else 1.0  # the controller's target in the logged metric's ratio
+        return {"step": t + 1, "epoch": epoch + 1, **st, "lambda": lam, "temperature": tau, "lr": lr,
+                "expected_cost": c_exp, "budget_use": use, "argmax_cost": net.cost_ratio(net.argmax_choice(), self.metric),
+                "target_t": self.ctrl.target_t * scale if self.limits else None, "images_per_s": len(x) / (time.perf_counter() - t0)}
+
+    def run_epoch(self, epoch: int) -> dict:
+        """Train one epoch of the search; update the argmax record; return the epoch's metrics."""
+        cfg, data, net = self.cfg, self.data, self.net
+        net.train()
+        loss_sum, count = 0.0, 0
+        held_iter = iter(data.heldout(epoch)) if cfg.alpha_data == "heldout" and data.heldout else None
+        for i, (x, y) in enumerate(data.train(epoch)):
+            held = None
+            if held_iter is not None:
+                held = next(held_iter, None)
+                if held is None:
+                    held_iter = iter(data.heldout(epoch))
+                    held = next(held_iter)
+            rec = self.step(epoch, i, x, y, held)
+            self.state["log"].append(rec)
+            loss_sum += rec["loss"] * len(x)
+            count += len(x)
+            emit(self.callback, ProgressEvent("step", "search", epoch + 1, cfg.epochs, i + 1, data.steps_per_epoch,
+                                              {"loss": rec["loss"], "gap": rec["gap"], "rho": rec["rho"],
+                                               "cost": rec["expected_cost"], "lam": rec["lambda"]}))
+        am = net.argmax_choice()
+        train_loss = loss_sum / max(count, 1)
+        if am != self.state["argmax"]:
+            self.state.update(argmax=am, argmax_changed_epoch=epoch + 1, loss_at_change=train_loss)
+        with torch.no_grad():
+            c_end = float(net.expected_cost(self.metric))
+        ep = {"epoch": epoch + 1, "train_loss": train_loss, "argmax_cost": net.cost_ratio(am, self.metric),
+              "expected_cost": c_end}
+        self.state["epochs"].append(ep)
+        return ep
+
+    def run(self) -> None:
+        """Run the remaining epochs, checkpointing after each."""
+        cfg, data = self.cfg, self.data
+        emit(self.callback, ProgressEvent("start", "search", self.start_epoch, cfg.epochs, 0, data.steps_per_epoch,
+                                          message=f"{len(self.net.searched)} searched layers"))
+        for epoch in range(self.start_epoch, cfg.epochs):
+            ep = self.run_epoch(epoch)
+            self.save(epoch + 1, ep)
+            emit(self.callback, ProgressEvent("epoch", "search", epoch + 1, cfg.epochs, data.steps_per_epoch,
+                                              data.steps_per_epoch, {k: v for k, v in ep.items() if k != "epoch"}))
+        emit(self.callback, ProgressEvent("end", "search", cfg.epochs, cfg.epochs))
+
+    # ------------------------------------------------------------------ the policy
+    def finish(self, out_dir: str | Path, name: str | None, force: bool) -> SearchResult:
+        """Extract the policy that meets the budget, check the diagnostics, write the policy and its log."""
+        cfg, net, state = self.cfg, self.net, self.state
+        net.set_temperature(temperature(self.total - 1, self.total, cfg.tau_start, cfg.tau_end))
+        argmax = net.argmax_choice()
+        if self.budget is not None:
+            choice, solve = extract(net, self.budget)
+        else:
+            choice, solve = argmax, {"cost_ratios": {self.metric: net.cost_ratio(argmax, self.metric)}}
+        undecided = max_prob_fraction(net)
+        moved = choice_distance(choice, argmax)
+        diag = {"alpha_undecided_fraction": undecided, "alpha_did_not_move": undecided > 0.5,
+                "extraction_vs_argmax_choices": moved, "extraction_far_from_argmax": moved > len(choice) / 4}
+        metrics = {"metric": self.metric, "budget": self.budget.describe() if self.budget else None,
+                   "budget_ratio": self.ratios[0] if self.limits else None, "tol": cfg.tol,
+                   **{f"extraction_{k}": v for k, v in solve.items()},
+                   "extraction_cost_ratio": net.cost_ratio(choice, self.metric),
+                   "extraction_exact_dp": solve.get("method") == "dp" if self.budget else None,
+                   "argmax_cost_ratio": net.cost_ratio(argmax, self.metric),
+                   "expected_cost_ratio": state["epochs"][-1]["expected_cost"],
+                   "argmax_last_change_epoch": state["argmax_changed_epoch"],
+                   "proxy_train_loss_at_last_change": state["loss_at_change"],
+                   "proxy_train_loss_final": state["epochs"][-1]["train_loss"], "final_lambda": self.ctrl.lam,
+                   "final_temperature": net.mixed_layers()[net.searched[0]].tau, **diag}
+        d = self.data
+        pol = net.derive_policy(choice, cfg.edge_bits, provenance(
+            self.command, dataset=d.name, dataset_fingerprint=d.fingerprint, dataset_info=d.info, seed=cfg.seed,
+            method=cfg.objective, config=cfg.as_dict(), supernet_init=self.init, run_dir=str(self.run_dir),
+            metrics=metrics))
+        if self.budget is not None and not self.budget.meets(net.table, choice):  # internal invariant
+            raise BudgetError(f"extracted policy misses the budget {self.budget.describe()}")
+        bad = [k for k in ("alpha_did_not_move", "extraction_far_from_argmax") if diag[k]]
+        if bad and not cfg.allow_diagnostics:
+            raise SearchDiagnosticError(
+                f"search diagnostics failed: {', '.join(bad)} (undecided choices {undecided:.0%}, extraction differs "
+                f"from argmax in {moved} of {2 * len(choice)} choices); more epochs or another budget may help; "
+                f"rerun with --resume --allow-diagnostics to write the policy anyway (checkpoint in {self.run_dir})")
+        validate_policy(pol, net.model, "searched policy", costs=net.costs)
+        path = finish(pol, state, out_dir, name, force, cfg.stem())
+        return SearchResult(path, pol, metrics, self.run_dir)
+
+
+def check_run_dir(recipe: SearchRecipe, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a run folder without --force, or to resume one that has no checkpoint."""
+    if recipe.ckpt_path.exists() and not resume and not force:
+        raise OutputExistsError(f"{recipe.ckpt_path} exists; pass --resume to continue that search or --force to "
+                                "restart it")
+    if resume and not recipe.ckpt_path.exists():
+        raise CheckpointError(f"--resume: no checkpoint {recipe.ckpt_path} (run the search without --resume first)")
