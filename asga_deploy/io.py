@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .errors import OutputExistsError
 
 
@@ -117,8 +118,6 @@ def versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    from . import __version__
-
     out["asga_deploy"] = __version__
     return out
 
@@ -126,8 +125,6 @@ def versions() -> dict:
 def provenance(command: str | None = None, **extra: Any) -> dict:
     """Return the provenance record written into every artifact."""
     import torch
-
-    from . import __version__
 
     rec = {
         "command": command if command is not None else " ".join(sys.argv),

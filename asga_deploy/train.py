@@ -31,8 +31,10 @@ from .dist import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .errors import OutputExistsError, TrainingDivergedError
 from .evaluate import evaluate
 from .io import atomic_write_json, machine_info, provenance, versions
+from .models import create_model, model_info
 from .naming import safe_name
 from .progress import Callback, ProgressEvent, emit
+from .quant import FakeQuantizer
 
 # options that may change between a run and its resumption without changing the result
 RESUME_FREE = frozenset({"workers", "device", "data_dir", "download", "out_dir", "run"})
@@ -113,8 +115,6 @@ def _lr_factor(warmup: int, total: int):
 
 
 def _optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
-    from .quant import FakeQuantizer
-
     # LSQ step sizes are not weights: decaying them would shrink the quantization grid
     no_decay = {id(p) for m in model.modules() if isinstance(m, FakeQuantizer) for p in m.parameters()}
     decay = [p for p in model.parameters() if id(p) not in no_decay]
@@ -254,8 +254,6 @@ class TrainResult:
 def run_train(cfg: TrainConfig, resume: bool = False, force: bool = False,
               callback: Callback | None = None) -> TrainResult:
     """Train a float model; write <out>/<run>/float.pt every epoch and train.json at the end."""
-    from .models import create_model, model_info
-
     info = model_info(cfg.model)
     spec = data.dataset_spec(cfg.dataset, cfg.data_dir)
     run_dir = Path(cfg.out_dir) / cfg.run_name()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import data
 from ..errors import ExportError, require
 
 # ops that run on integer data in ORT's optimized graph (QDQ node units fused into integer kernels)
@@ -111,8 +112,6 @@ def test_loader(dataset: str, in_chans: int, input_size: int, images: int | None
                 data_dir: str | Path | None = None, batch_size: int = 100, workers: int = 0):
     """Return a loader over the first `images` test images of a dataset (all when None)."""
     from torch.utils.data import Subset
-
-    from .. import data
 
     test = data.get_dataset(dataset, "test", data_dir, in_chans=in_chans, input_size=input_size)
     if images is not None:

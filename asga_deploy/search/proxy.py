@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from .. import data as D
 from ..errors import DatasetError
 from .config import SearchConfig, SearchData
 
@@ -14,8 +15,6 @@ from .config import SearchConfig, SearchData
 def proxy_data(cfg: SearchConfig, data_dir: str | Path | None = None, download: bool = False,
                workers: int = 0) -> SearchData:
     """Return SearchData whose batch order is a function of (seed, epoch) only."""
-    from .. import data as D
-
     if cfg.subset is not None and cfg.fraction is not None:
         raise DatasetError("give --subset or --fraction, not both")
     spec = D.dataset_spec(cfg.dataset, data_dir)
