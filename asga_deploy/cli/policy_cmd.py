@@ -102,6 +102,7 @@ def uniform(model: str = typer.Option("smallcnn", "--model", "-m"),
             force: bool = typer.Option(False, "--force")):
     """Write the uniform W<w>A<a> policy of a model (first conv and classifier at 8 bits by default)."""
     from ..errors import PolicyError
+    from ..naming import uniform_stem
     from ..policy import uniform_policy
     from ..targets import BITS_RANGE, get_target
 
@@ -110,7 +111,6 @@ def uniform(model: str = typer.Option("smallcnn", "--model", "-m"),
         if not BITS_RANGE[0] <= v <= BITS_RANGE[1]:
             raise PolicyError(f"{k} {v} outside {BITS_RANGE[0]}..{BITS_RANGE[1]}")
     pol = uniform_policy(model, weight_bits, act_bits, target, num_classes, in_chans, input_size, edges)
-    suffix = "" if target == "ort" else f"-{target}"
-    path = out or Path("policies") / f"{model}-w{weight_bits}a{act_bits}{suffix}.json"
+    path = out or Path("policies") / f"{uniform_stem(model, weight_bits, act_bits, target)}.json"
     pol.save(path, force=force)
     console.print(f"wrote {path}: {100 * pol.cost['bitops_vs_w8a8']:.2f}% of W8A8 BitOPs")
