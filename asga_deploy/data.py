@@ -1,4 +1,4 @@
-"""Datasets by name (fashion-mnist, cifar10, imagefolder, fake), proxy subsets and loaders.
+"""Datasets by name (fashion-mnist, fashion-mnist-m, cifar10, imagefolder, fake), proxy subsets and loaders.
 
 Small datasets live in memory as uint8 tensors and are normalised per item, so an epoch costs
 little more than the model. The data order is a function of (seed, epoch) only (`set_epoch`),
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from . import fashion_mnist_m
 from .errors import DatasetError
 
 # where `apt-get install dataset-fashion-mnist` puts the files; tests may monkeypatch this list
@@ -39,7 +40,8 @@ class DataSpec:
     std: tuple[float, ...]
 
 
-DATASETS = ("fashion-mnist", "cifar10", "imagefolder", "fake")
+DATASETS = ("fashion-mnist", "fashion-mnist-m", "cifar10", "imagefolder", "fake")
+_WITH_OPTIONS = ("fake", "fashion-mnist-m")  # the others take no `:options` (they would be ignored)
 
 
 def _fake_params(name: str) -> dict:
@@ -63,6 +65,9 @@ def _check_name(name: str) -> str:
         close = difflib.get_close_matches(name, DATASETS, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise DatasetError(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASETS)})")
+    if ":" in name and base not in _WITH_OPTIONS:
+        raise DatasetError(f"dataset {base} takes no options (got {name!r}); only "
+                           f"{' and '.join(_WITH_OPTIONS)} do, e.g. fashion-mnist-m:seed=1")
     return base
 
 
@@ -71,6 +76,9 @@ def dataset_spec(name: str, data_dir: str | Path | None = None) -> DataSpec:
     base = _check_name(name)
     if base == "fashion-mnist":
         return DataSpec(name, 10, 1, 28, (0.2860,), (0.3530,))
+    if base == "fashion-mnist-m":
+        fashion_mnist_m.parse_seed(name)  # a bad option fails here, before any data is read
+        return DataSpec(name, 10, 3, 28, fashion_mnist_m.MEAN, fashion_mnist_m.STD)
     if base == "cifar10":
         return DataSpec(name, 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     if base == "fake":
@@ -275,6 +283,9 @@ def get_dataset(name: str, split: str, data_dir: str | Path | None = None, in_ch
     if key not in _MEMORY:
         if base == "fashion-mnist":
             images, labels = _fashion_mnist(split, data_dir, download)
+        elif base == "fashion-mnist-m":
+            grey, labels = _fashion_mnist(split, data_dir, download)
+            images = fashion_mnist_m.blended(grey, labels, split, fashion_mnist_m.parse_seed(name), CACHE_DIR)
         elif base == "cifar10":
             images, labels = _cifar10(split, data_dir, download)
         else:

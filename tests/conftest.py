@@ -87,3 +87,14 @@ def _one_error_line(result, after_progress: bool = False) -> str:
     assert len(errors) == 1 and lines[-1] == errors[0] and (after_progress or len(lines) == 1), result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     return errors[0]
+
+
+@pytest.fixture
+def data_cache(tmp_path, monkeypatch) -> Path:
+    """An empty on-disk dataset cache (data.CACHE_DIR) and an empty in-memory one, for this test only."""
+    from asga_deploy import data
+
+    cache = tmp_path / "data-cache"
+    monkeypatch.setattr(data, "CACHE_DIR", cache)
+    monkeypatch.setattr(data, "_MEMORY", {})
+    return cache

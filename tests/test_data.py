@@ -1,13 +1,16 @@
-"""Datasets: IDX parsing, Fashion-MNIST lookup and errors, fake data, proxy subsets, epoch-seeded order."""
+"""Datasets: IDX parsing, Fashion-MNIST lookup and errors, fake data, Fashion-MNIST-M, proxy subsets, epoch order."""
 
 import gzip
 import hashlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from asga_deploy import data
-from asga_deploy.errors import DatasetError
+from asga_deploy import fashion_mnist_m as fmm
+from asga_deploy.errors import DatasetError, MissingDependencyError
 
 from .conftest import FAKE, write_idx
 
@@ -139,3 +142,126 @@ def test_imagefolder_layout(tmp_path):
 def test_missing_cifar10_says_how_to_get_it(tmp_path):
     with pytest.raises(DatasetError, match="cifar-10-batches-py.*--download"):
         data.get_dataset("cifar10", "train", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- fashion-mnist-m
+
+def _grey(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_fmnist_m_blend_is_abs_difference_with_a_photo_patch():
+    photos = fmm.load_photos(fmm.PHOTOS["train"])
+    images = _grey(300)
+    out, index = fmm.blend(images, photos, seed=0, split="train")
+    assert out.shape == (300, 3, 28, 28) and out.dtype == torch.uint8 and index.dtype == torch.uint8
+    photo, top, left = fmm.draw_patches(300, photos, 0, "train")
+    assert torch.equal(index.long(), photo) and set(photo.tolist()) == set(range(len(photos)))
+    for i in (0, 1, 150, 299):
+        p, y, x = int(photo[i]), int(top[i]), int(left[i])
+        patch = photos[p][:, y:y + 28, x:x + 28].short()
+        assert torch.equal(out[i], (patch - images[i].short()).abs().byte())
+
+
+def test_fmnist_m_is_deterministic_per_seed_and_split():
+    photos = fmm.load_photos(fmm.PHOTOS["train"])
+    images = _grey(200)
+    a, _ = fmm.blend(images, photos, seed=0, split="train")
+    b, _ = fmm.blend(images.clone(), fmm.load_photos(fmm.PHOTOS["train"]), seed=0, split="train")
+    assert a.numpy().tobytes() == b.numpy().tobytes()
+    c, _ = fmm.blend(images, photos, seed=1, split="train")
+    d, _ = fmm.blend(images, photos, seed=0, split="test")  # same photos, the test split's draws
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_fmnist_m_train_and_test_photos_are_disjoint():
+    train, test = fmm.PHOTOS["train"], fmm.PHOTOS["test"]
+    assert not set(train) & set(test) and len(set(train)) == len(train) and len(set(test)) == len(test)
+    # different names could still be one picture (skimage's `cat` is `chelsea`): compare the pixels
+    digests = {n: hashlib.sha256(p.numpy()).hexdigest()
+               for n, p in zip(train + test, fmm.load_photos(train + test), strict=True)}
+    assert len(set(digests.values())) == len(digests)
+
+
+def test_fmnist_m_dataset_spec_loaders_and_subsets(fmnist_dir, data_cache):
+    spec = data.dataset_spec("fashion-mnist-m:seed=3")
+    assert (spec.num_classes, spec.in_chans, spec.input_size, len(spec.mean), len(spec.std)) == (10, 3, 28, 3, 3)
+    train = data.get_dataset("fashion-mnist-m", "train", data_dir=fmnist_dir)
+    test = data.get_dataset("fashion-mnist-m", "test", data_dir=fmnist_dir)
+    assert (len(train), len(test)) == (40, 20) and train.images.shape == (40, 3, 28, 28)
+    x, y = train[3]
+    assert x.shape == (3, 28, 28) and x.dtype == torch.float32 and y == 3
+    grey = data.get_dataset("fashion-mnist-m", "train", data_dir=fmnist_dir, in_chans=1, input_size=32)
+    assert grey[3][0].shape == (1, 32, 32)
+    sub, _ = data.proxy_subset(train, 20, seed=0, name="fashion-mnist-m", split="train")
+    assert torch.bincount(data.dataset_labels(sub), minlength=10).tolist() == [2] * 10
+    loader = data.make_loader(train, 8, shuffle=True, seed=0)
+    data.set_epoch(loader, 0)
+    assert next(iter(loader))[0].shape == (8, 3, 28, 28)
+    blobs = {p.name.split("-")[0]: torch.load(p, weights_only=True)
+             for p in (data_cache / "fashion-mnist-m").glob("*.pt")}
+    assert blobs["train"]["photos"] == list(fmm.PHOTOS["train"]) and blobs["test"]["photos"] == list(fmm.PHOTOS["test"])
+    assert int(blobs["test"]["photo_index"].max()) < len(fmm.PHOTOS["test"])
+
+
+def test_fmnist_m_cache_is_reused_rebuilt_when_corrupt_and_keyed_by_inputs(fmnist_dir, data_cache, monkeypatch):
+    first = data.get_dataset("fashion-mnist-m", "train", data_dir=fmnist_dir).images
+    (path,) = (data_cache / "fashion-mnist-m").glob("train-seed0-*.pt")
+    real_blend = fmm.blend
+
+    def no_build(*a, **k):
+        raise AssertionError("built again instead of reading the cache")
+
+    monkeypatch.setattr(fmm, "blend", no_build)
+    data._MEMORY.clear()
+    assert torch.equal(data.get_dataset("fashion-mnist-m", "train", data_dir=fmnist_dir).images, first)
+    path.write_bytes(path.read_bytes()[:1000])  # truncated: rebuilt, same bytes
+    monkeypatch.setattr(fmm, "blend", real_blend)
+    data._MEMORY.clear()
+    assert torch.equal(data.get_dataset("fashion-mnist-m", "train", data_dir=fmnist_dir).images, first)
+    assert torch.load(path, weights_only=True)["images_sha256"] == hashlib.sha256(first.numpy()).hexdigest()
+    other = data.get_dataset("fashion-mnist-m:seed=1", "train", data_dir=fmnist_dir).images
+    assert not torch.equal(other, first)
+    images, labels = data._fashion_mnist("train", fmnist_dir, False)
+    photos = fmm.load_photos(fmm.PHOTOS["train"])
+    fp = fmm.fingerprint(images, labels, photos, "train", 0)
+    assert fmm.cache_path(data_cache, "train", 0, fp) == path
+    changed = images.clone()
+    changed[0, 0, 0, 0] ^= 1  # any source byte, the seed, the split or the recipe moves the fingerprint
+    assert len({fp, fmm.fingerprint(changed, labels, photos, "train", 0), fmm.fingerprint(images, labels, photos, "train", 1),
+                fmm.fingerprint(images, labels, photos, "test", 0)}) == 4
+    monkeypatch.setattr(fmm, "RECIPE", "fashion-mnist-m/999")
+    assert fmm.fingerprint(images, labels, photos, "train", 0) != fp
+
+
+def test_fmnist_m_errors(fmnist_dir, data_cache, monkeypatch):
+    with pytest.raises(DatasetError, match="only option is seed=N"):
+        data.dataset_spec("fashion-mnist-m:sed=1")
+    with pytest.raises(DatasetError, match="takes no options"):
+        data.dataset_spec("fashion-mnist:seed=1")
+    with pytest.raises(DatasetError, match="did you mean fashion-mnist-m"):
+        data.dataset_spec("fashion-mnist-mm")
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fmm, "atomic_torch_save", read_only)
+    with pytest.raises(DatasetError, match="cannot write the fashion-mnist-m cache.*ASGA_DATA_CACHE"):
+        data.get_dataset("fashion-mnist-m", "test", data_dir=fmnist_dir)
+
+
+def test_fmnist_m_without_scikit_image_says_how_to_install(fmnist_dir, data_cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)  # makes `import skimage...` raise ImportError
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    with pytest.raises(MissingDependencyError, match="scikit-image is not installed.*pip install scikit-image"):
+        data.get_dataset("fashion-mnist-m", "test", data_dir=fmnist_dir)
+
+
+@pytest.mark.skipif(not (Path("/usr/share/datasets/fashion-mnist") / "t10k-labels-idx1-ubyte.gz").is_file(),
+                    reason="needs the real Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+def test_fmnist_m_spec_mean_std_are_the_train_split_s(data_cache):
+    images = data.get_dataset("fashion-mnist-m", "train").images
+    x = images.float().div_(255)
+    spec = data.dataset_spec("fashion-mnist-m")
+    assert x.mean((0, 2, 3)).tolist() == pytest.approx(spec.mean, abs=1e-3)
+    assert x.std((0, 2, 3)).tolist() == pytest.approx(spec.std, abs=1e-3)
