@@ -154,6 +154,47 @@ class Budget:
                         "cost_ratios": {lim.describe(): g / table.reference(lim.metric)
                                         for lim, g in zip(self.limits, got, strict=True)}}
 
+    def sample(self, table: CostTable, options: Mapping[str, Sequence[tuple[int, int]]], n: int, seed: int
+               ) -> list[dict[str, tuple[int, int]]]:
+        """Return n choices drawn uniformly at random from those that meet the budget (seeded).
+
+        Exact for one limit on an exact cost grid (counting the completions of every partial cost by
+        dynamic programming); otherwise uniform by rejection from the first limit's sampler.
+        """
+        rng = np.random.default_rng(seed)
+        names = list(options)
+        lim = self.limits[0]
+        costs = [np.array([table.unit_cost(lim.metric, m, w, a) for w, a in options[m]], dtype=np.int64)
+                 for m in names]
+        lo, hi = self.window(lim, table)
+        if len(self.limits) > 1:  # the "at least one inside its window" rule: sample below every bound
+            lo = 0
+        unit = int(np.gcd.reduce(np.concatenate(costs))) or 1
+        if hi // unit > MAX_BINS:
+            raise BudgetError(f"budget {self.describe()}: the cost grid is too fine to sample uniformly")
+        cells = hi // unit + 1
+        ways = [np.zeros(cells) for _ in range(len(costs) + 1)]  # ways[g][s]: completions from group g at cost s
+        ways[-1][lo // unit + (lo % unit > 0):] = 1.0
+        for g in range(len(costs) - 1, -1, -1):
+            for c in costs[g]:
+                k = int(c) // unit
+                if k < cells:
+                    ways[g][:cells - k] += ways[g + 1][k:]
+        if ways[0][0] == 0:
+            raise BudgetError(f"budget {self.describe()}: no choice of these options meets it")
+        out: list[dict[str, tuple[int, int]]] = []
+        while len(out) < n:
+            s, choice = 0, {}
+            for g, m in enumerate(names):
+                w = np.array([ways[g + 1][s + int(c) // unit] if s + int(c) // unit < cells else 0.0
+                              for c in costs[g]])
+                k = int(rng.choice(len(w), p=w / w.sum()))
+                choice[m] = tuple(options[m][k])
+                s += int(costs[g][k]) // unit
+            if self.meets(table, choice):
+                out.append(choice)
+        return out
+
     def check_feasible(self, table: CostTable, options: Mapping[str, Sequence[tuple[int, int]]]) -> None:
         """Raise BudgetError, saying the feasible range, when no choice of the options meets the budget."""
         for lim in self.limits:

@@ -54,3 +54,11 @@ def search_run_dir(stem: str, seed: int, root: str | Path = SEARCH_ROOT) -> Path
 def export_dir(policy: str | Path, root: str | Path = EXPORT_ROOT) -> Path:
     """Return the bundle folder of a policy file: export/<policy stem> (finetuned.pt, model.qdq.onnx, reports)."""
     return Path(root) / Path(policy).stem
+
+
+SENSITIVITY_ROOT = Path("runs/sensitivity")
+
+
+def sensitivity_dir(model: str, dataset: str, reference: tuple[int, int], root: str | Path = SENSITIVITY_ROOT) -> Path:
+    """Return the folder of a sensitivity table: runs/sensitivity/<model>-<dataset>-w<W>a<A>."""
+    return Path(root) / safe_name(f"{model}-{dataset}-w{reference[0]}a{reference[1]}")

@@ -147,6 +147,25 @@ def compute_cost(policy: Policy, costs: dict[str, LayerCost], input_shape, num_c
             "weight_bytes": table.total("size", bits) / 8, "weight_bytes_total": total_bytes}
 
 
+def policy_from_choice(model_name: str, target: str, costs: dict[str, LayerCost], choice: dict[str, tuple[int, int]],
+                       input_shape, num_classes: int, edge_bits: str = "8", provenance: dict | None = None) -> Policy:
+    """Return the Policy of a {layer: (w, a)} choice; every other layer (the edges) at the target's highest
+    bits ('8') or float ('float'); its cost counts the chosen layers only."""
+    tgt = get_target(target)
+    layers, floats = {}, []
+    for n, c in costs.items():
+        if n in choice:
+            layers[n] = LayerBits(*choice[n], c.input_signed)
+        elif edge_bits == "float":
+            floats.append(n)
+        else:  # the highest bits <= 8 the target runs (TensorRT: unsigned A7)
+            layers[n] = LayerBits(*tgt.highest(c.input_signed), c.input_signed)
+    pol = Policy(model_name, target, layers, floats, provenance=dict(provenance or {}))
+    excluded = [n for n in costs if n not in choice]
+    pol.cost = compute_cost(pol, costs, input_shape, num_classes, excluded)
+    return pol
+
+
 def validate_policy(policy: Policy, model: nn.Module, source: str = "<policy>",
                     costs: dict[str, LayerCost] | None = None) -> None:
     """Check a policy against a model and its target; raise PolicyError naming EVERY problem at once."""

@@ -114,7 +114,8 @@ def _lr_factor(warmup: int, total: int):
     return factor
 
 
-def _optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
+def optimizer_for(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
+    """Return the SGD of a recipe: weight decay on weights, none on LSQ step sizes."""
     # LSQ step sizes are not weights: decaying them would shrink the quantization grid
     no_decay = {id(p) for m in model.modules() if isinstance(m, FakeQuantizer) for p in m.parameters()}
     decay = [p for p in model.parameters() if id(p) not in no_decay]
@@ -150,7 +151,7 @@ def fit(model: nn.Module, train_set, test_set, r: Recipe, info: DistInfo, ckpt_p
     train_loader = data.make_loader(train_set, r.batch_size, True, r.seed, r.workers, info.distributed,
                                     drop_last=len(train_set) > r.batch_size * info.world)
     test_loader = data.make_loader(test_set, max(r.batch_size, 256), False, r.seed, r.workers, info.distributed)
-    opt = _optimizer(model, r)
+    opt = optimizer_for(model, r)
     steps = len(train_loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(r.warmup_epochs * steps, r.epochs * steps))
     start, history, spent = 0, [], 0.0

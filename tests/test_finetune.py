@@ -14,7 +14,7 @@ from asga_deploy.finetune import FinetuneConfig, default_warmup, run_finetune
 from asga_deploy.models import create_model
 from asga_deploy.policy import Policy, uniform_policy
 from asga_deploy.quant import apply_policy, calibrate, quantized_layers
-from asga_deploy.train import _loss, _optimizer
+from asga_deploy.train import _loss, optimizer_for
 
 from .conftest import FAKE
 from .test_train import Stop, assert_same_state, stop_after, torchrun
@@ -33,7 +33,7 @@ def test_two_qat_steps_lower_a_finite_loss():
     apply_policy(model, uniform_policy("tinynet", 4, 4, target="sim"))
     calibrate(model, [x])
     r = FinetuneConfig(policy="p.json").recipe()  # the paper's recipe: lr 0.04, Nesterov 0.9
-    opt = _optimizer(model, r)
+    opt = optimizer_for(model, r)
     scales = {id(q.scale) for m in quantized_layers(model).values() for q in (m.weight_quantizer, m.input_quantizer)}
     assert [g["weight_decay"] for g in opt.param_groups] == [5e-5, 0.0]
     assert {id(p) for p in opt.param_groups[1]["params"]} == scales  # no decay on step sizes

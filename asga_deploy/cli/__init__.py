@@ -11,7 +11,7 @@ app = typer.Typer(name="asga", no_args_is_help=True, add_completion=False, prett
                   help="Search, fine-tune and export mixed-precision quantized CNNs (ASGA).")
 
 # each module registers its commands on `app` (order = order in --help)
-from . import train_cmd, search_cmd, finetune_cmd, export_cmd, demo_cmd, policy_cmd  # noqa: E402,F401,I001
+from . import train_cmd, search_cmd, sensitivity_cmd, finetune_cmd, export_cmd, demo_cmd, policy_cmd  # noqa: E402,F401,I001
 
 
 def main() -> None:

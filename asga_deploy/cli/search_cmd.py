@@ -38,8 +38,16 @@ def _command_line(ctx: typer.Context) -> str:
 @handle_errors
 def search(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", "-m", help="registered model (asga models)"),
-    dataset: str = typer.Option(..., "--dataset", "-d", help="proxy dataset: fashion-mnist, cifar10, fake, ..."),
+    model: str | None = typer.Option(None, "--model", "-m", help="registered model (asga models); required "
+                                     "for --method supernet"),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="proxy dataset: fashion-mnist, cifar10, fake, "
+                                       "...; required for --method supernet"),
+    method: str = typer.Option("supernet", "--method", help="supernet (the ASGA search, --objective) | "
+                               "sensitivity (exact best policy of an `asga sensitivity` table)"),
+    sensitivity: Path | None = typer.Option(None, "--sensitivity", help="--method sensitivity: the table "
+                                            "(sensitivity.json of `asga sensitivity`)"),
+    oracle: str = typer.Option("ptq", "--oracle", help="--method sensitivity: ptq | finetune | hessian"),
+    pick: str = typer.Option("best", "--pick", help="--method sensitivity: best | worst | random (seeded by --seed)"),
     subset: int | None = typer.Option(None, "--subset", help="class-balanced proxy of N images"),
     fraction: float | None = typer.Option(None, "--fraction", help="proxy as a fraction of the train split"),
     budget_bitops: float | None = typer.Option(None, "--budget-bitops",
@@ -82,11 +90,30 @@ def search(
     force: bool = typer.Option(False, "--force", help="overwrite the policy / restart the run folder"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run folder's checkpoint"),
 ) -> None:
-    """Search a mixed-precision policy on a proxy dataset and write policies/<model>-<objective>-r<NN>.json."""
+    """Search a mixed-precision policy and write policies/<model>-<method>-<budget tag>[-<target>].json."""
+    from ..budget import Budget
     from ..errors import AsgaError
     from ..search.proxy import proxy_data
     from ..search.run import SearchConfig, run_search
 
+    if method == "sensitivity":
+        from ..oracle import oracle_policy_file
+
+        if sensitivity is None:
+            raise AsgaError("--method sensitivity needs --sensitivity TABLE (written by `asga sensitivity`)")
+        budget = Budget.from_options(budget_bitops, budget_gbitops, budget_weight_mb, tol)
+        if budget is None:
+            raise AsgaError("--method sensitivity needs a budget: --budget-bitops, --budget-gbitops or "
+                            "--budget-weight-mb")
+        path, pol, info = oracle_policy_file(sensitivity, budget, oracle, pick, seed, out, name, force)
+        console.print(f"wrote {path}: BitOPs {pol.cost['bitops_vs_w8a8']:.4f} of W8A8, weight bytes "
+                      f"{pol.cost['weight_bytes']:.0f}; predicted loss increase "
+                      + ", ".join(f"{k} {v:+.4f}" for k, v in info["predicted"].items()))
+        return
+    if method != "supernet":
+        raise AsgaError(f"--method {method!r} unknown; choose supernet or sensitivity")
+    if model is None or dataset is None:
+        raise AsgaError("--method supernet needs --model and --dataset")
     if float_ckpt is not None and weights is not None:
         raise AsgaError("give --float or --weights, not both")
     if weights not in (None, "torchvision"):

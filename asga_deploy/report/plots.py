@@ -99,3 +99,22 @@ def plot_front(series: Mapping[str, Sequence[tuple[float, float]]], path: str | 
     if title:
         ax.set_title(title, fontsize=10)
     return _save(plt, fig, path)
+
+
+def plot_heatmaps(rows: Sequence[str], cols: Sequence[str], panels: Mapping[str, Sequence[Sequence[float]]],
+                  path: str | Path, title: str = "") -> Path:
+    """Write one heatmap per panel ({title: matrix rows x cols}), diverging colours centred on 0."""
+    plt, fig, axes = _figure(rows=max(len(panels), 1), width=max(6.0, 0.35 * len(cols) + 3),
+                             height=max(2.5, 0.25 * len(rows) + 1.2))
+    for ax, (name, m) in zip(axes, panels.items(), strict=False):
+        lim = max((abs(v) for r in m for v in r if v == v), default=1.0) or 1.0
+        im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(rows, fontsize=6)
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels(cols, rotation=90, fontsize=6)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)

@@ -14,7 +14,7 @@ from torch import nn
 from ..cost import CostTable, LayerCost
 from ..errors import PolicyError, UnsupportedTargetError
 from ..models import set_module
-from ..policy import LayerBits, Policy, compute_cost
+from ..policy import Policy, policy_from_choice
 from ..quant.modules import input_quantizer, shell_like, weight_quantizer
 from ..targets import BITS_RANGE, get_target
 from .mixquant import mixed_quantize
@@ -39,7 +39,7 @@ class _MixedMixin:
         # per-candidate MSE init: LSQ's default would make the 6/8-bit grids span ~6x max|w| (method.md 2)
         for q in self.wq:
             q.init_mse(self.weight)
-        sample = _calib_sample(calib_input)
+        sample = calibration_sample(calib_input)
         for q in self.aq:
             q.init_mse(sample)
         self.register_buffer("w_bits_t", torch.tensor(w_bits, dtype=torch.float32, device=dev), persistent=False)
@@ -105,7 +105,7 @@ class MixedLinear(_MixedMixin, nn.Linear):
 CALIB_SAMPLES = 32768
 
 
-def _calib_sample(x: torch.Tensor) -> torch.Tensor:
+def calibration_sample(x: torch.Tensor) -> torch.Tensor:
     """Return a fixed-seed subsample of x plus its extremes (the clip search scales with max|x|).
 
     A full batch of activations (~1M values) times 96 clip fractions times every candidate of every
@@ -242,15 +242,5 @@ class Supernet(nn.Module):
                       provenance: dict | None = None) -> Policy:
         """Return the Policy of a choice (default: argmax); edge layers 8-bit ('8') or float ('float')."""
         choice = choice if choice is not None else self.argmax_choice()
-        tgt = get_target(self.target)
-        layers, floats = {}, []
-        for n, c in self.costs.items():
-            if n in choice:
-                layers[n] = LayerBits(*choice[n], c.input_signed)
-            elif edge_bits == "float":
-                floats.append(n)
-            else:  # the highest bits <= 8 the target runs (TensorRT: unsigned A7)
-                layers[n] = LayerBits(*tgt.highest(c.input_signed), c.input_signed)
-        pol = Policy(self.model_name, self.target, layers, floats, provenance=dict(provenance or {}))
-        pol.cost = compute_cost(pol, self.costs, self.input_shape, self.num_classes, list(self.edges))
-        return pol
+        return policy_from_choice(self.model_name, self.target, self.costs, choice, self.input_shape,
+                                  self.num_classes, edge_bits, provenance)

@@ -1,0 +1,151 @@
+"""Policies from a sensitivity table (method.md section 9): the oracle's best and worst feasible policies,
+seeded random feasible ones, and how well a policy follows the oracle (Spearman)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from .budget import Budget
+from .errors import AsgaError
+from .io import atomic_write_json, check_writable, provenance
+from .naming import artifact_stem
+from .policy import Policy, policy_from_choice
+from .report.plots import plot_heatmaps
+from .sensitivity import KINDS, SCHEMA, cost_table, deltas
+
+PICKS = ("best", "worst", "random")
+
+
+def load_table(path: str | Path) -> dict:
+    """Read a sensitivity table written by `asga sensitivity`; raise AsgaError when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise AsgaError(f"sensitivity table {path} does not exist (write one with `asga sensitivity`)")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise AsgaError(f"{path} is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(table, dict) or table.get("schema") != SCHEMA:
+        raise AsgaError(f"{path} is not a sensitivity table (schema {SCHEMA!r} expected)")
+    missing = [k for k in ("model", "target", "layers", "options", "costs", "ptq", "input_shape") if k not in table]
+    if missing:
+        raise AsgaError(f"{path}: sensitivity table lacks {', '.join(missing)}")
+    return table
+
+
+def options_of(table: dict) -> dict[str, list[tuple[int, int]]]:
+    """Return {layer: [(w, a), ...]} of a sensitivity table."""
+    return {n: [tuple(o) for o in table["options"][n]] for n in table["layers"]}
+
+
+def oracle_choice(table: dict, budget: Budget, kind: str = "ptq", pick: str = "best"
+                  ) -> tuple[dict[str, tuple[int, int]], dict]:
+    """Return the feasible choice with the least (best) or most (worst) summed loss increase, and the solve facts."""
+    if pick not in ("best", "worst"):
+        raise AsgaError(f"pick {pick!r}: best or worst")
+    d = deltas(table, kind)
+    sign = -1.0 if pick == "best" else 1.0
+    values = {n: [sign * v for v in d[n]] for n in table["layers"]}
+    choice, info = budget.solve(cost_table(table), options_of(table), values)
+    return choice, {**info, "predicted_loss_increase": sign * info["value"], "oracle": kind, "pick": pick}
+
+
+def random_choices(table: dict, budget: Budget, n: int, seed: int) -> list[dict[str, tuple[int, int]]]:
+    """Return n feasible choices drawn uniformly at random (seeded)."""
+    return budget.sample(cost_table(table), options_of(table), n, seed)
+
+
+def predicted(table: dict, choice: dict[str, tuple[int, int]], kind: str = "ptq") -> float:
+    """Return the oracle's summed loss increase of a choice (additive over layers)."""
+    d, opts = deltas(table, kind), options_of(table)
+    return float(sum(d[n][opts[n].index(tuple(choice[n]))] for n in table["layers"]))
+
+
+def to_policy(table: dict, choice: dict[str, tuple[int, int]], method: str, **extra) -> Policy:
+    """Return the Policy of a choice on the table's model and target (edges at the target's highest bits)."""
+    costs = cost_table(table).layers
+    return policy_from_choice(table["model"], table["target"], dict(costs), choice, table["input_shape"],
+                              int(table["num_classes"]), "8", provenance(
+                                  method=method, dataset=table.get("dataset"),
+                                  dataset_fingerprint=table.get("dataset_fingerprint"), **extra))
+
+
+def per_cost_sensitivity(table: dict, kind: str = "ptq", metric: str = "bitops") -> dict[str, float]:
+    """Return per layer the loss change per unit of cost around the reference (share of the W8A8 total).
+
+    The slope to the next cheaper option of the weight and of the activation (and to the next dearer
+    one): how much loss one unit of cost buys in that layer. A search that follows the loss gives more
+    bits where this is large.
+    """
+    d, opts, ct = deltas(table, kind), options_of(table), cost_table(table)
+    ref_total = ct.reference(metric)
+    out = {}
+    for n in table["layers"]:
+        wr, ar = table["reference_choice"][n]
+        c_ref = ct.unit_cost(metric, n, wr, ar)
+        slopes = []
+        for k, (w, a) in enumerate(opts[n]):
+            one_step = (a == ar and w != wr and _adjacent([o[0] for o in opts[n]], w, wr)) or (
+                w == wr and a != ar and _adjacent([o[1] for o in opts[n]], a, ar))
+            dc = (ct.unit_cost(metric, n, w, a) - c_ref) / ref_total
+            if one_step and dc != 0:
+                slopes.append(-d[n][k] / dc)  # loss saved per unit of cost added (both directions)
+        out[n] = float(np.mean(slopes)) if slopes else 0.0
+    return out
+
+
+def _adjacent(values: list[int], b: int, ref: int) -> bool:
+    """Whether b is the candidate right below or right above ref."""
+    s = sorted(set(values))
+    i = s.index(ref)
+    return b in s[max(i - 1, 0):i + 2]
+
+
+def rank_agreement(sensitivity: dict[str, float], choice: dict[str, tuple[int, int]]) -> float:
+    """Return Spearman's rho between the layers' sensitivity per cost and the bits (w x a) a policy gave them."""
+    names = [n for n in sensitivity if n in choice]
+    bits = [choice[n][0] * choice[n][1] for n in names]
+    if len(set(bits)) < 2 or len({sensitivity[n] for n in names}) < 2:
+        return float("nan")  # a uniform policy (or a flat oracle) has no ranking to agree with
+    return float(spearmanr([sensitivity[n] for n in names], bits).statistic)
+
+
+def write_table(table: dict, out_dir: str | Path, force: bool = False) -> Path:
+    """Write sensitivity.json and heatmap.png (one panel per measured oracle) into out_dir; return the JSON path."""
+    out_dir = Path(out_dir)
+    path = check_writable(out_dir / "sensitivity.json", force)
+    cols = [f"W{w}A{a}" for w, a in table["options"][table["layers"][0]]]
+    panels = {}
+    for kind in KINDS:
+        if table.get(kind) is not None:
+            d = deltas(table, kind)
+            panels[f"{kind}: loss increase over the reference W{table['reference'][0]}A{table['reference'][1]}"] = [
+                d[n] if len(d[n]) == len(cols) else [float("nan")] * len(cols) for n in table["layers"]]
+    plot_heatmaps(table["layers"], cols, panels, out_dir / "heatmap.png", f"{table['model']} on {table['dataset']}")
+    return atomic_write_json(path, table)
+
+
+def oracle_policy_file(table_path: str | Path, budget: Budget, kind: str = "ptq", pick: str = "best", seed: int = 0,
+                       out_dir: str | Path = "policies", name: str | None = None, force: bool = False
+                       ) -> tuple[Path, Policy, dict]:
+    """Write the oracle's best / worst / a random feasible policy for the budget; return (path, policy, facts)."""
+    if pick not in PICKS:
+        raise AsgaError(f"--pick {pick!r} unknown; choose one of {', '.join(PICKS)}")
+    table = load_table(table_path)
+    method = "sensitivity" if pick == "best" else f"sensitivity-{pick}"
+    stem = name or artifact_stem(table["model"], method, budget.tag(), table["target"],
+                                 seed if pick == "random" else None)
+    path = check_writable(Path(out_dir) / f"{stem}.json", force)
+    if pick == "random":
+        choice = random_choices(table, budget, 1, seed)[0]
+        info = {"pick": "random", "seed": seed}
+    else:
+        choice, info = oracle_choice(table, budget, kind, pick)
+    info = {**info, "predicted": {k: predicted(table, choice, k) for k in KINDS if table.get(k) is not None}}
+    pol = to_policy(table, choice, method, sensitivity_table=str(table_path), budget=budget.describe(),
+                    metrics=info, oracle=kind)
+    return pol.save(path, force=force), pol, info

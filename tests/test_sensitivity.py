@@ -1,0 +1,135 @@
+"""The sensitivity oracle: its table, its exact best/worst policies (= brute force), uniform random feasible
+policies, the rank agreement, PTQ and BN re-estimation, and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from asga_deploy.budget import Budget
+from asga_deploy.models import create_model
+from asga_deploy.oracle import (
+    options_of,
+    oracle_choice,
+    per_cost_sensitivity,
+    predicted,
+    random_choices,
+    rank_agreement,
+)
+from asga_deploy.policy import Policy, validate_policy
+from asga_deploy.ptq import reestimate_bn
+from asga_deploy.sensitivity import SensitivityConfig, cost_table, measure
+
+BITS = (2, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def table(float_ckpt):
+    cfg = SensitivityConfig(str(float_ckpt), weight_bits=BITS, act_bits=BITS, reference=(4, 4), images=32,
+                            calib_images=16, bn_images=16, batch_size=16, hessian_samples=1, hessian_images=16,
+                            finetune_steps=2, finetune_warmup=2, finetune_batch=8)
+    return measure(cfg)
+
+
+def test_table_has_every_layer_option_and_oracle(table):
+    assert table["layers"] == ["conv2", "conv3"] and table["edges"] == ["conv1", "fc"]
+    for n in table["layers"]:
+        opts = options_of(table)[n]
+        assert opts == [(w, a) for w in BITS for a in BITS]
+        ref = opts.index((4, 4))
+        for kind in ("ptq",):
+            assert table[kind][n][ref] == 0.0  # the reference itself: no change
+        assert table["finetune"]["table"][n][ref] == 0.0
+        assert all(np.isfinite(table["ptq"][n])) and len(table["hessian"][n]["estimate"]) == len(opts)
+        est = table["hessian"][n]["estimate"]
+        assert est[opts.index((2, 2))] > est[opts.index((8, 8))]  # coarser grids, larger second-order term
+    assert json.loads(json.dumps(table)) == table  # plain JSON
+
+
+def _brute(table, budget, kind, sign):
+    opts, best, arg = options_of(table), -np.inf, None
+    names = table["layers"]
+    ct = cost_table(table)
+    for combo in itertools.product(*[opts[n] for n in names]):
+        choice = dict(zip(names, combo, strict=True))
+        if budget.meets(ct, choice):
+            v = sign * predicted(table, choice, kind)
+            if v > best:
+                best, arg = v, choice
+    return arg, sign * best
+
+
+@pytest.mark.parametrize("kind", ["ptq", "finetune", "hessian"])
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_best_and_worst_policies_equal_brute_force(table, kind, ratio):
+    budget = Budget.from_options(bitops=ratio, tol=0.3)
+    for pick, sign in (("best", -1.0), ("worst", 1.0)):
+        choice, info = oracle_choice(table, budget, kind, pick)
+        _, best = _brute(table, budget, kind, sign)
+        assert budget.meets(cost_table(table), choice)
+        assert predicted(table, choice, kind) == pytest.approx(best, abs=1e-12)
+        assert info["predicted_loss_increase"] == pytest.approx(best, abs=1e-12)
+
+
+def test_random_policies_are_feasible_uniform_and_seeded(table):
+    budget = Budget.from_options(bitops=0.25, tol=0.5)
+    ct, opts = cost_table(table), options_of(table)
+    feasible = [c for c in itertools.product(*[opts[n] for n in table["layers"]])
+                if budget.meets(ct, dict(zip(table["layers"], c, strict=True)))]
+    draws = random_choices(table, budget, 600, seed=3)
+    assert draws == random_choices(table, budget, 600, seed=3)
+    counts = Counter(tuple(d[n] for n in table["layers"]) for d in draws)
+    assert set(counts) == set(feasible)  # every feasible policy is reachable, nothing else is
+    expected = 600 / len(feasible)
+    assert max(counts.values()) < 2.5 * expected and min(counts.values()) > 0.3 * expected
+
+
+def test_per_cost_sensitivity_and_rank_agreement():
+    t = {"layers": ["a", "b", "c"], "reference_choice": {n: [4, 4] for n in "abc"},
+         "options": {n: [[w, a] for w in (2, 4, 8) for a in (2, 4, 8)] for n in "abc"},
+         "costs": {n: {"kind": "conv", "macs": 1000, "params": 100, "input_signed": False} for n in "abc"}}
+    # loss increase when dropping bits: c is the most sensitive layer, a the least
+    scale = {"a": 0.1, "b": 0.5, "c": 2.0}
+    t["ptq"] = {n: [scale[n] * (4 * 4 - w * a) / 16 for w in (2, 4, 8) for a in (2, 4, 8)] for n in "abc"}
+    s = per_cost_sensitivity(t)
+    assert s["c"] > s["b"] > s["a"] > 0
+    assert rank_agreement(s, {"a": (2, 2), "b": (4, 4), "c": (8, 8)}) == pytest.approx(1.0)
+    assert rank_agreement(s, {"a": (8, 8), "b": (4, 4), "c": (2, 2)}) == pytest.approx(-1.0)
+    assert np.isnan(rank_agreement(s, {n: (4, 4) for n in "abc"}))  # uniform: nothing to rank
+
+
+def test_reestimate_bn_replaces_the_running_statistics():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    x = torch.randn(64, 1, 8, 8) * 3 + 2
+    reestimate_bn(model, [x[:32], x[32:]])
+    y = model[0](x)
+    assert torch.allclose(model[1].running_mean, y.mean((0, 2, 3)), atol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training and not model[1].training  # modes restored
+
+
+def test_cli_sensitivity_then_search_method_sensitivity(cli, float_ckpt, tmp_path, one_error_line, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = cli("sensitivity", "--float", float_ckpt, "--weight-bits", "2,4,8", "--act-bits", "2,4,8",
+              "--images", "16", "--calib-images", "16", "--bn-images", "16", "--hessian-samples", "0",
+              "--budget-bitops", "0.2", "--out", "sens")
+    assert res.exit_code == 0, res.stderr
+    t = json.loads((tmp_path / "sens/sensitivity.json").read_text())
+    assert t["reference"] == [4, 4] and (tmp_path / "sens/heatmap.png").is_file()
+    res = cli("search", "--method", "sensitivity", "--sensitivity", "sens/sensitivity.json",
+              "--budget-bitops", "0.25", "--tol", "0.3", "--out", "pol")
+    assert res.exit_code == 0, res.stderr
+    pol = Policy.load(tmp_path / "pol/tinynet-sensitivity-r25.json")
+    validate_policy(pol, create_model("tinynet", 10, 1))
+    assert pol.provenance["method"] == "sensitivity" and 0.175 <= pol.cost["bitops_vs_w8a8"] <= 0.25
+    res = cli("search", "--method", "sensitivity", "--sensitivity", "sens/sensitivity.json",
+              "--budget-bitops", "0.25", "--tol", "0.3", "--out", "pol", "--pick", "random", "--seed", "4")
+    assert res.exit_code == 0 and (tmp_path / "pol/tinynet-sensitivity-random-r25-s4.json").is_file()
+    assert "--sensitivity TABLE" in one_error_line(cli("search", "--method", "sensitivity", "--budget-bitops", "0.2"))
+    assert "needs --model and --dataset" in one_error_line(cli("search", "--budget-bitops", "0.2"))
+    assert "exists; pass --force" in one_error_line(cli("sensitivity", "--float", float_ckpt, "--out", "sens"))
