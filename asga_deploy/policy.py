@@ -166,6 +166,15 @@ def policy_from_choice(model_name: str, target: str, costs: dict[str, LayerCost]
     return pol
 
 
+def check_policy_shape(policy: Policy, input_shape, source: str = "<policy>") -> None:
+    """Raise PolicyError when a policy was made for inputs with another channel count than the model takes."""
+    shape = policy.cost.get("input_shape")
+    if shape and int(shape[0]) != int(input_shape[0]):
+        raise PolicyError(f"{source} was made for {shape[0]}-channel inputs {list(shape)}, the model takes "
+                          f"{input_shape[0]} channels {list(input_shape)}; make the policy for this model "
+                          f"(asga policy uniform --in-chans {input_shape[0]}, or search on this data)")
+
+
 def validate_policy(policy: Policy, model: nn.Module, source: str = "<policy>",
                     costs: dict[str, LayerCost] | None = None) -> None:
     """Check a policy against a model and its target; raise PolicyError naming EVERY problem at once."""

@@ -7,12 +7,18 @@ built on (method.md section 9): the accuracy a policy has before any fine-tuning
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
-from .policy import Policy
+from . import data
+from .checkpoint import load_model
+from .errors import CheckpointError
+from .evaluate import check_classes
+from .policy import Policy, check_policy_shape, validate_policy
 from .quant import apply_policy, calibrate
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -76,3 +82,39 @@ def loss_and_top1(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, fl
     finally:
         model.train(was)
     return loss / max(count, 1), correct / max(count, 1)
+
+
+def evaluate_ptq(policy_path: str | Path, float_checkpoint: str | Path, dataset: str | None = None,
+                 data_dir: str | Path | None = None, limit: int | None = None, calib_images: int = 256,
+                 bn_images: int = 1024, seed: int = 0, batch_size: int = 256, allow_incomplete: bool = False) -> dict:
+    """Return the test accuracy and loss of a policy applied to a float model by post-training quantization.
+
+    Calibration and BatchNorm re-estimation use seeded class-balanced training images; the test split
+    (its first `limit` images, all by default) is evaluated.
+    """
+    policy = Policy.load(policy_path)
+    model, ckpt = load_model(float_checkpoint, "float", allow_incomplete)
+    if ckpt["model_name"] != policy.model:
+        raise CheckpointError(f"{float_checkpoint} holds a {ckpt['model_name']} model but {policy_path} is for "
+                              f"{policy.model}")
+    validate_policy(policy, model, str(policy_path))
+    dataset = dataset or ckpt.get("dataset")
+    if not dataset:
+        raise CheckpointError(f"{float_checkpoint} does not record its dataset; pass --dataset")
+    spec = data.dataset_spec(dataset, data_dir)
+    check_classes(dataset, spec.num_classes, int(ckpt["num_classes"]), str(float_checkpoint))
+    chans, size = int(ckpt["in_chans"]), int(ckpt.get("input_size") or spec.input_size)
+    check_policy_shape(policy, (chans, size, size), str(policy_path))
+    train = data.get_dataset(dataset, "train", data_dir, chans, size)
+    sub, _ = data.proxy_subset(train, min(calib_images + bn_images, len(train)), seed, dataset, "train")
+    loader = data.make_loader(sub, batch_size, shuffle=True, seed=seed)
+    batches = list(loader)
+    n_calib = max(1, round(len(batches) * calib_images / (calib_images + bn_images)))
+    test = data.get_dataset(dataset, "test", data_dir, chans, size)
+    if limit is not None:
+        test = Subset(test, range(min(limit, len(test))))
+    model.eval()
+    ptq(model, policy, batches[:n_calib], batches[n_calib:] or batches)
+    loss, top1 = loss_and_top1(model, data.make_loader(test, batch_size, shuffle=False, seed=0))
+    return {"top1": top1, "loss": loss, "count": len(test), "dataset": dataset, "kind": "ptq",
+            "policy": str(policy_path), "float_checkpoint": str(float_checkpoint)}

@@ -133,3 +133,15 @@ def test_cli_sensitivity_then_search_method_sensitivity(cli, float_ckpt, tmp_pat
     assert "--sensitivity TABLE" in one_error_line(cli("search", "--method", "sensitivity", "--budget-bitops", "0.2"))
     assert "needs --model and --dataset" in one_error_line(cli("search", "--budget-bitops", "0.2"))
     assert "exists; pass --force" in one_error_line(cli("sensitivity", "--float", float_ckpt, "--out", "sens"))
+
+
+def test_eval_policy_after_ptq(cli, float_ckpt, policy_file, one_error_line):
+    from tests.conftest import FAKE
+
+    pol = policy_file(8, 8)
+    res = cli("eval", pol, "--ptq", "--float", float_ckpt, "--dataset", FAKE)
+    assert res.exit_code == 0, res.stderr
+    assert "ptq" in res.stdout and "top-1" in res.stdout
+    assert "add --ptq --float" in one_error_line(cli("eval", pol))
+    other = policy_file(4, 4, model="tinyresnet")
+    assert "is for tinyresnet" in one_error_line(cli("eval", other, "--ptq", "--float", float_ckpt))

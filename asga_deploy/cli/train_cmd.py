@@ -68,23 +68,37 @@ def train(
 @app.command("eval")
 @handle_errors
 def eval_cmd(
-    checkpoint: Path = typer.Argument(..., help="float.pt, finetuned.pt or model.onnx"),
+    checkpoint: Path = typer.Argument(..., help="float.pt, finetuned.pt, model.onnx, or a policy .json with --ptq"),
     dataset: str = typer.Option(None, help="dataset (default: the one the checkpoint records)"),
     data_dir: Path = typer.Option(None, help="dataset folder"),
     limit: int = typer.Option(None, help="evaluate the first N test images only"),
     batch_size: int = typer.Option(256, min=1),
     workers: int = typer.Option(0, min=0),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    ptq: bool = typer.Option(False, "--ptq", help="CHECKPOINT is a policy: quantize --float after training "
+                             "(calibrate, re-estimate BatchNorm) and evaluate it"),
+    float_ckpt: Path = typer.Option(None, "--float", help="--ptq: the float.pt the policy is applied to"),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete",
+                                          help="accept a checkpoint of an interrupted run (the output says so)"),
 ):
-    """Report the top-1 accuracy of a checkpoint (or ONNX file) on a dataset's test split."""
+    """Report the top-1 accuracy of a checkpoint, an ONNX file, or a policy after PTQ, on a test split."""
+    from ..errors import AsgaError
     from ..evaluate import evaluate_checkpoint
+    from ..ptq import evaluate_ptq
 
-    progress = RichProgress(keys=("top1",))
-    try:
-        res = evaluate_checkpoint(checkpoint, dataset, str(data_dir) if data_dir else None, limit, batch_size,
-                                  workers, device, callback=progress)
-    finally:
-        progress.close()
+    if ptq or checkpoint.suffix == ".json":
+        if not (ptq and float_ckpt):
+            raise AsgaError(f"{checkpoint}: a policy is evaluated by post-training quantization of a float model: "
+                            "add --ptq --float FLOAT.pt")
+        res = evaluate_ptq(checkpoint, float_ckpt, dataset, str(data_dir) if data_dir else None, limit,
+                           batch_size=batch_size, allow_incomplete=allow_incomplete)
+    else:
+        progress = RichProgress(keys=("top1",))
+        try:
+            res = evaluate_checkpoint(checkpoint, dataset, str(data_dir) if data_dir else None, limit, batch_size,
+                                      workers, device, callback=progress, allow_incomplete=allow_incomplete)
+        finally:
+            progress.close()
     rows = [("kind", str(res["kind"])), ("dataset", str(res["dataset"])), ("images", str(res["count"])),
             ("top-1", f"{res['top1']:.4f}")]
     if res.get("loss") is not None:  # ONNX evaluation reports accuracy only
