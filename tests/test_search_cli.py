@@ -128,12 +128,13 @@ def test_float_checkpoint_init_and_heldout_logits(float_ckpt, tmp_path):
 def test_failed_diagnostics_stop_the_search_until_allowed(tmp_path):
     from asga_deploy.search.run import SearchDiagnosticError
 
-    # tau stays at 1: the softmaxes stay nearly uniform, i.e. alpha "did not move"
-    cfg = SearchConfig(model="tinynet", dataset="synthetic", epochs=1, tau_end=1.0, budget_bitops=0.25)
+    # a logit learning rate of 0: the logits never leave their start, whatever the loss says
+    cfg = SearchConfig(model="tinynet", dataset="synthetic", epochs=1, alpha_lr=0.0, budget_bitops=0.25)
     with pytest.raises(SearchDiagnosticError, match="alpha_did_not_move.*--resume --allow-diagnostics"):
         run_search(cfg, search_data(2, 8), tmp_path / "p", tmp_path / "r")
     assert not (tmp_path / "p").exists() and (tmp_path / "r/checkpoint.pt").is_file()
     allowed = SearchConfig(**{**cfg.__dict__, "allow_diagnostics": True})
     res = run_search(allowed, search_data(2, 8), tmp_path / "p", tmp_path / "r", resume=True)
-    assert res.metrics["alpha_did_not_move"] is True and res.metrics["alpha_undecided_fraction"] > 0.5
+    assert res.metrics["alpha_did_not_move"] is True and res.metrics["alpha_still_fraction"] == 1.0
+    assert res.metrics["allow_diagnostics"] is True and "alpha_did_not_move" in res.metrics["diagnostics_failed"]
     assert res.policy_path.is_file()

@@ -3,6 +3,7 @@ the EXACT extraction of the deployed policy from the logits, and the diagnostics
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,42 +20,63 @@ def temperature(step: int, total: int, tau_start: float = 1.0, tau_end: float = 
 
 @dataclass
 class Controller:
-    """lambda_t: fixed (soft budget, target None) or the hard-budget controller on e_t = C/T_t - 1."""
+    """lambda_t of the hard budget (method.md section 6, revision 3), on e_t = C(alpha) / T - 1.
 
-    target: float | None  # the normalised cost to reach (1.0: the tightest limit's bound); None: soft budget
+    lambda_used = lambda + k_p e_t;  lambda <- clip(lambda + eta e_t, -lam_max, lam_max). No target ramp:
+    the logits start at the budget (`start_at_budget`); the recipe freezes the LOGITS for the last steps.
+    A soft budget (target None) returns its fixed lambda.
+    """
+
+    target: float | None
     lam: float = 0.0
-    k_p: float = 50.0
-    eta: float = 0.5
-    anneal_frac: float = 0.25
-    freeze_frac: float = 0.15
-    start: float | None = None  # C(alpha_0), where the target annealing starts
+    k_p: float = 2.0
+    eta: float = 0.1
+    lam_max: float = 10.0
     error: float = 0.0
-    target_t: float = 0.0
 
-    def __call__(self, step: int, total: int, cost: float) -> float:
-        """Return lambda_used for this step and update the integral term."""
+    def __call__(self, cost: float) -> float:
+        """Return lambda_used for a step at expected cost `cost` and update the (clamped) integral."""
         if self.target is None:
             return self.lam
-        if self.start is None:
-            self.start = cost
-        frac = step / max(total, 1)
-        # anneal the target from C(alpha_0) to T: a jump to T at once would slam the logits to 2 bits
-        a = min(frac / self.anneal_frac, 1.0) if self.anneal_frac > 0 else 1.0
-        self.target_t = self.start + (self.target - self.start) * a
-        self.error = cost / self.target_t - 1.0
-        if frac >= 1.0 - self.freeze_frac:  # frozen: at a low temperature the argmax would chatter
-            return self.lam
+        self.error = cost / self.target - 1.0
         used = self.lam + self.k_p * self.error
-        self.lam += self.eta * self.error
+        self.lam = min(max(self.lam + self.eta * self.error, -self.lam_max), self.lam_max)
         return used
 
     def state_dict(self) -> dict:
         """Return the resumable state."""
-        return {"lam": self.lam, "start": self.start, "error": self.error, "target_t": self.target_t}
+        return {"lam": self.lam, "error": self.error}
 
     def load_state_dict(self, d: dict) -> None:
         """Restore the state of state_dict()."""
-        self.lam, self.start, self.error, self.target_t = d["lam"], d["start"], d["error"], d["target_t"]
+        self.lam, self.error = d["lam"], d["error"]
+
+
+@torch.no_grad()
+def start_at_budget(net: Supernet, use: Callable[[], torch.Tensor], lo: float = -40.0, hi: float = 40.0,
+                    iters: int = 60) -> float:
+    """Add -beta * bits / 8 to every candidate's logit, with beta found by bisection so that use() = 1
+    (the expected cost of the tightest limit at its bound) at the current temperature; return beta."""
+    base = {n: (m.alpha_w.clone(), m.alpha_a.clone()) for n, m in net.mixed_layers().items()}
+
+    def value(beta: float) -> float:
+        for n, m in net.mixed_layers().items():
+            m.alpha_w.copy_(base[n][0] - beta * m.w_bits_t / 8)
+            m.alpha_a.copy_(base[n][1] - beta * m.a_bits_t / 8)
+        return float(use()) - 1.0
+
+    if value(lo) <= 0:  # the budget is above even the dearest expectation: push up as far as allowed
+        return lo
+    if value(hi) >= 0:
+        return hi
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if value(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    value(hi)  # leave the logits at the side that meets the budget
+    return hi
 
 
 def log_probs(net: Supernet) -> dict[str, list[float]]:
@@ -75,15 +97,25 @@ def extract(net: Supernet, budget: Budget) -> tuple[dict[str, tuple[int, int]], 
     return choice, {**info, "log_prob": info["value"]}
 
 
-def max_prob_fraction(net: Supernet, threshold: float = 0.6) -> float:
-    """Return the fraction of choices (2 per layer) whose largest softmax probability is under threshold."""
-    low, n = 0, 0
+def logit_gaps(net: Supernet) -> list[float]:
+    """Return, for every choice (weights and input of each layer), the gap between its two largest logits."""
+    gaps = []
     with torch.no_grad():
         for m in net.mixed_layers().values():
-            for p in m.probs():
-                low += int(p.max().item() < threshold)
-                n += 1
-    return low / max(n, 1)
+            for alpha in (m.alpha_w, m.alpha_a):
+                top = torch.topk(alpha, 2).values if alpha.numel() > 1 else torch.tensor([1e9, 0.0])
+                gaps.append(float(top[0] - top[1]))
+    return gaps
+
+
+def logit_moves(net: Supernet, start: dict[str, list[list[float]]]) -> list[float]:
+    """Return, for every choice, the largest change of its logits since `start` ({layer: [alpha_w, alpha_a]})."""
+    moves = []
+    with torch.no_grad():
+        for n, m in net.mixed_layers().items():
+            for alpha, s0 in zip((m.alpha_w, m.alpha_a), start[n], strict=True):
+                moves.append(float((alpha - torch.tensor(s0, dtype=alpha.dtype)).abs().max()))
+    return moves
 
 
 def choice_distance(a: dict[str, tuple[int, int]], b: dict[str, tuple[int, int]]) -> int:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .perturb import Perturbation
+
 OBJECTIVES = ("erm", "sam", "sam-align", "asga")
 RHO_RULES = ("rel", "literal", "fixed")
 FIXED_RHO = ("sam", "sam-align")  # the ablation's baselines keep rho = epsilon; only asga adapts it
@@ -88,7 +90,7 @@ class ASGAStep:
     def __init__(self, net: nn.Module, w_params: list[nn.Parameter], a_params: list[nn.Parameter],
                  w_opt: torch.optim.Optimizer, a_opt: torch.optim.Optimizer, objective: str = "asga",
                  gamma: float = 0.001, radius: Radius | None = None,
-                 cost_fn: Callable[[], torch.Tensor] | None = None):
+                 cost_fn: Callable[[], torch.Tensor] | None = None, perturb: str = "latent"):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective {objective!r} not in {OBJECTIVES}")
         self.net, self.w_params, self.a_params = net, w_params, a_params
@@ -98,7 +100,8 @@ class ASGAStep:
         if self.radius.rule != rho_rule_for(objective, self.radius.rule):
             self.radius = Radius(rho_rule_for(objective, None), self.radius.epsilon, self.radius.rho_min)
         self.cost_fn = cost_fn
-        self._saved: list[torch.Tensor] = []
+        mixed = net.mixed_layers() if hasattr(net, "mixed_layers") else {}
+        self.perturb = Perturbation(perturb, w_params, mixed, self.gamma)
 
     # ------------------------------------------------------------------ the algorithm's lines
     def loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list, list]:
@@ -115,38 +118,34 @@ class ASGAStep:
             p.grad = None
         return loss.item(), g_w, g_a
 
-    @torch.no_grad()
-    def first_step(self, g_w: list, rho: float) -> float:
-        """Lines 3-4: e = max(rho / ||g_W|| - gamma, 0) * g_W; keep W; W <- W + e. Return ||g_W||."""
-        norm = torch.norm(torch.stack([g.norm(2) for g in g_w if g is not None]), 2).item()
-        scale = max(rho / (norm + 1e-12) - self.gamma, 0.0)  # the clamp keeps it an ascent step
-        self._saved = [p.detach().clone() for p in self.w_params]
-        for p, g in zip(self.w_params, g_w, strict=False):
-            if g is not None:
-                p.add_(g, alpha=scale)
-        return norm
+    def first_step(self, g_w: list, rho: float) -> dict[str, float]:
+        """Lines 3-4: e = max(rho / ||g|| - gamma, 0) * g on what --perturb names; keep W; W <- W + e."""
+        return self.perturb.apply(g_w, rho)
 
-    @torch.no_grad()
     def second_step(self) -> None:
         """Line 4 (end): W <- the copy, bit-exactly."""
-        for p, w in zip(self.w_params, self._saved, strict=False):
-            p.copy_(w)
-        self._saved = []
+        self.perturb.restore()
 
     def perturbed_loss_and_grads(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list, list]:
         """Line 4: L_adv and (g_W', g_alpha') at W + e, train mode, BN running stats untouched."""
         with bn_stats_frozen(self.net):
             return self.loss_and_grads(x, y)
 
-    def cost_grad(self, lam: float) -> list[torch.Tensor | None]:
-        """Return lambda * grad_alpha C(alpha) (None where lambda is 0 or there is no cost)."""
+    def cost_grad(self, lam: float, loss_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Return lambda * grad_alpha C(alpha), scaled to the norm of the loss's logit gradient (None where
+        lambda is 0 or there is no cost).
+
+        The scaling makes lambda scale-free: lambda = 1 weighs the budget as much as the loss, on any model
+        and at any temperature, so one set of controller gains serves every search (measured: an unscaled
+        cost gradient needed lambda in the hundreds on some models and below 1 on others).
+        """
         if self.cost_fn is None or lam == 0.0:
             return [None] * len(self.a_params)
         grads = torch.autograd.grad(self.cost_fn(), self.a_params, allow_unused=True)
-        return [None if g is None else lam * g for g in grads]
+        return scaled_like(loss_grads, grads, lam)
 
     def heldout_alpha_grads(self, x: torch.Tensor, y: torch.Tensor) -> list:
-        """First-order bi-level switch: grad_alpha L on a held-out batch (W grads not formed)."""
+        """grad_alpha L on a held-out batch at the current (possibly perturbed) W; BN statistics untouched."""
         with bn_stats_frozen(self.net):
             loss = F.cross_entropy(self.net(x), y)
         if not torch.isfinite(loss):
@@ -155,18 +154,30 @@ class ASGAStep:
 
     # ------------------------------------------------------------------ one iteration
     def step(self, x: torch.Tensor, y: torch.Tensor, lam: float = 0.0,
-             heldout: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
-        """Run one iteration, step both optimisers; return loss, loss_adv, gap, rho, sharpness, grad_norm."""
-        g_held = self.heldout_alpha_grads(*heldout) if heldout is not None else None
+             heldout: tuple[torch.Tensor, torch.Tensor] | None = None, update_alpha: bool = True
+             ) -> dict[str, float]:
+        """Run one iteration, step W (and alpha unless frozen); return loss, loss_adv, gap, rho, sharpness,
+        grad_norm and the fraction of weight codes the perturbation flipped.
+
+        With a held-out batch the logits take the same objective's gradient measured on it: at W (erm),
+        at W + e (sam), or the mean of both (sam-align, asga): the sharpness term reaches the decisions.
+        """
+        self.perturb.capture(True)
         loss, g_w, g_a = self.loss_and_grads(x, y)                              # 1
-        stats = {"loss": loss, "loss_adv": loss, "gap": 0.0, "rho": 0.0, "sharpness": 0.0, "grad_norm": 0.0}
+        self.perturb.capture(False)
+        if heldout is not None:
+            g_a = self.heldout_alpha_grads(*heldout)
+        stats = {"loss": loss, "loss_adv": loss, "gap": 0.0, "rho": 0.0, "sharpness": 0.0, "grad_norm": 0.0,
+                 "flipped_codes": 0.0}
         if self.objective == "erm":
             step_w, step_a = g_w, g_a
         else:
             rho = self.radius.current()                                         # 2
-            stats["grad_norm"] = self.first_step(g_w, rho)                      # 3, 4: W <- W + e
+            stats.update(self.first_step(g_w, rho))                             # 3, 4: W <- W + e
             try:
                 loss_adv, g_w2, g_a2 = self.perturbed_loss_and_grads(x, y)      # 4: pass 2
+                if heldout is not None:
+                    g_a2 = self.heldout_alpha_grads(*heldout)
             finally:
                 self.second_step()                                              # 4: restore W
             h = loss_adv - loss                                                 # 5
@@ -175,17 +186,30 @@ class ASGAStep:
             if self.objective == "sam":  # SAM: step with the perturbed gradients only
                 step_w, step_a = g_w2, g_a2
             else:                                                               # 6, 7: aligned gradients
-                step_w = [_avg(a, b) for a, b in zip(g_w, g_w2, strict=False)]
-                step_a = [_avg(a, b) for a, b in zip(g_a, g_a2, strict=False)]
-        if g_held is not None:  # bi-level switch: the logits learn from held-out data only
-            step_a = g_held
-        for p, g, gc in zip(self.a_params, step_a, self.cost_grad(lam), strict=False):        # 7: + lambda grad C
-            p.grad = g if gc is None else (gc if g is None else g + gc)
-        for p, g in zip(self.w_params, step_w, strict=False):
+                step_w = [_avg(a, b) for a, b in zip(g_w, g_w2, strict=True)]
+                step_a = [_avg(a, b) for a, b in zip(g_a, g_a2, strict=True)]
+        for p, g in zip(self.w_params, step_w, strict=True):
             p.grad = g
         self.w_opt.step()
-        self.a_opt.step()
+        if update_alpha:
+            for p, g, gc in zip(self.a_params, step_a, self.cost_grad(lam, step_a), strict=True):  # 7: + lambda grad C
+                p.grad = g if gc is None else (gc if g is None else g + gc)
+            self.a_opt.step()
+        for p in self.a_params:
+            p.grad = None
         return stats
+
+
+def _norm(gs: list[torch.Tensor | None]) -> float:
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs if g is not None) or torch.zeros(())))
+
+
+def scaled_like(ref: list[torch.Tensor | None], grads: list[torch.Tensor | None], lam: float
+                ) -> list[torch.Tensor | None]:
+    """Return lam * grads rescaled to the global norm of ref (unscaled when either norm is 0)."""
+    n_ref, n = _norm(ref), _norm(grads)
+    scale = lam * (n_ref / n if n_ref > 0 and n > 0 else 1.0)
+    return [None if g is None else g * scale for g in grads]
 
 
 def _avg(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -14,18 +14,19 @@ from .config import SearchConfig, SearchData
 
 def proxy_data(cfg: SearchConfig, data_dir: str | Path | None = None, download: bool = False,
                workers: int = 0) -> SearchData:
-    """Return SearchData whose batch order is a function of (seed, epoch) only."""
+    """Return SearchData: the proxy (and its held-out part) drawn with proxy_seed, the batch order a function of
+    (seed, epoch) only."""
     if cfg.subset is not None and cfg.fraction is not None:
         raise DatasetError("give --subset or --fraction, not both")
     spec = D.dataset_spec(cfg.dataset, data_dir)
     full = D.get_dataset(cfg.dataset, "train", data_dir, download=download)
     size = cfg.subset if cfg.subset is not None else (cfg.fraction if cfg.fraction is not None else 1.0)
-    subset, fp = D.proxy_subset(full, size, cfg.seed, cfg.dataset, "train")
+    subset, fp = D.proxy_subset(full, size, cfg.proxy_seed, cfg.dataset, "train")  # fixed across search seeds
     held = None
     if cfg.alpha_data == "heldout":
         if not 0.0 < cfg.heldout_fraction < 1.0:
             raise DatasetError(f"--heldout-fraction {cfg.heldout_fraction} must be in (0, 1)")
-        perm = torch.randperm(len(subset), generator=torch.Generator().manual_seed(cfg.seed + 7919)).tolist()
+        perm = torch.randperm(len(subset), generator=torch.Generator().manual_seed(cfg.proxy_seed + 7919)).tolist()
         k = max(1, round(cfg.heldout_fraction * len(subset)))
         if k >= len(subset):
             raise DatasetError(f"proxy of {len(subset)} images is too small to hold out {k} for the logits")

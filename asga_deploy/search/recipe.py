@@ -31,9 +31,18 @@ from ..models import create_model, edge_layers
 from ..policy import validate_policy
 from ..progress import Callback, ProgressEvent, emit
 from .config import RESUME_FREE, SearchConfig, SearchData, SearchDiagnosticError, SearchResult
-from .controller import Controller, choice_distance, extract, max_prob_fraction, temperature
+from .controller import (
+    Controller,
+    choice_distance,
+    extract,
+    logit_gaps,
+    logit_moves,
+    start_at_budget,
+    temperature,
+)
 from .objective import OBJECTIVES, RHO_RULES, ASGAStep, NonFiniteLoss, Radius
 from .outputs import finish
+from .perturb import PERTURBS
 from .supernet import Supernet, check_bits
 
 
@@ -60,13 +69,21 @@ def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, Budget
     """Validate the config and build the supernet; return (net, init record, budget)."""
     for name, val, allowed in (("objective", cfg.objective, OBJECTIVES), ("rho rule", cfg.rho_rule, RHO_RULES),
                                ("alpha data", cfg.alpha_data, ("same", "heldout")),
-                               ("edge bits", cfg.edge_bits, ("8", "float"))):
+                               ("edge bits", cfg.edge_bits, ("8", "float")), ("perturb", cfg.perturb, PERTURBS),
+                               ("alpha lr rule", cfg.alpha_lr_rule, ("tau", "fixed"))):
         if val not in allowed:
             raise AsgaError(f"{name} {val!r} unknown; choose one of {', '.join(allowed)}")
     check_bits(cfg.weight_bits, "weight")
     check_bits(cfg.act_bits, "activation")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise AsgaError(f"epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be at least 1")
+    for name in ("lr", "alpha_lr", "gamma", "epsilon", "rho_min", "k_p", "eta", "lam_max", "tau_start", "tau_end"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0) or (name in ("tau_start", "tau_end", "epsilon") and v == 0):
+            raise AsgaError(f"--{name.replace('_', '-')} {v}: must be a finite number "
+                            f"{'> 0' if name in ('tau_start', 'tau_end', 'epsilon') else '>= 0'}")
+    if not math.isfinite(cfg.lam) or not 0.0 <= cfg.freeze_frac < 1.0:
+        raise AsgaError(f"--lambda {cfg.lam} must be finite and --freeze-frac {cfg.freeze_frac} in [0, 1)")
     budget = cfg.budget()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -102,11 +119,17 @@ class SearchRecipe:
                                      lr=cfg.lr, momentum=cfg.momentum)
         self.a_opt = torch.optim.Adam(a_params, lr=cfg.alpha_lr, weight_decay=0.0)
         self.radius = Radius(cfg.rho_rule, cfg.epsilon, cfg.rho_min)
-        self.ctrl = Controller(1.0 if self.limits else None, cfg.lam, cfg.k_p, cfg.eta)
+        self.ctrl = Controller(1.0 if self.limits else None, cfg.lam, cfg.k_p, cfg.eta, cfg.lam_max)
         self.stepper = ASGAStep(self.net, w_params, a_params, self.w_opt, self.a_opt, cfg.objective, cfg.gamma,
-                                self.radius, cost_fn=self.budget_use)
+                                self.radius, cost_fn=self.budget_use, perturb=cfg.perturb)
         self.total = cfg.epochs * data.steps_per_epoch
-        self.state = {"log": [], "epochs": [], "argmax": None, "argmax_changed_epoch": 0, "loss_at_change": None}
+        self.freeze_step = min(self.total, math.ceil((1.0 - cfg.freeze_frac) * self.total))
+        self.net.set_temperature(cfg.tau_start)
+        beta = start_at_budget(self.net, self.budget_use) if self.limits and cfg.start_at_budget else 0.0
+        start = {n: [m.alpha_w.tolist(), m.alpha_a.tolist()] for n, m in self.net.mixed_layers().items()}
+        self.state = {"log": [], "epochs": [], "beta": beta, "start_logits": start,
+                      "start_argmax": self.net.argmax_choice(), "argmax": self.net.argmax_choice(),
+                      "argmax_changed_step": 0, "loss_at_change": None}
         self.start_epoch = 0
 
     @property
@@ -163,22 +186,33 @@ class SearchRecipe:
         lr = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * t / self.total))  # cosine, a function of the step
         for g in self.w_opt.param_groups:
             g["lr"] = lr
+        for g in self.a_opt.param_groups:
+            g["lr"] = self.alpha_lr(tau)
         with torch.no_grad():
             use = float(self.budget_use())
             c_exp = float(net.expected_cost(self.metric))
-        lam = self.ctrl(t, self.total, use)
+        frozen = t >= self.freeze_step  # the logits stay; the weights train on under the fixed policy
+        lam = self.ctrl.lam if frozen else self.ctrl(use)
         t0 = time.perf_counter()
         try:
-            st = self.stepper.step(x, y, lam, held)
+            st = self.stepper.step(x, y, lam, held, update_alpha=not frozen)
         except NonFiniteLoss as e:
             kept = (f"the last good checkpoint {self.ckpt_path} (epoch {epoch}) is kept" if epoch > 0
                     else "no checkpoint was written yet")
             raise TrainingDivergedError(f"non-finite loss at epoch {epoch + 1} step {i + 1} (global step "
                                         f"{t + 1}): {e}; {kept}; lower --lr or check the data") from None
-        scale = self.ratios[0] if self.limits else 1.0  # the controller's target in the logged metric's ratio
+        dt = time.perf_counter() - t0
+        am = net.argmax_choice()
+        if am != self.state["argmax"]:
+            self.state.update(argmax=am, argmax_changed_step=t + 1)
         return {"step": t + 1, "epoch": epoch + 1, **st, "lambda": lam, "temperature": tau, "lr": lr,
-                "expected_cost": c_exp, "budget_use": use, "argmax_cost": net.cost_ratio(net.argmax_choice(), self.metric),
-                "target_t": self.ctrl.target_t * scale if self.limits else None, "images_per_s": len(x) / (time.perf_counter() - t0)}
+                "alpha_lr": self.alpha_lr(tau), "frozen": frozen, "expected_cost": c_exp, "budget_use": use,
+                "argmax_cost": net.cost_ratio(am, self.metric),
+                "target_t": self.ratios[0] if self.limits else None, "images_per_s": len(x) / dt}
+
+    def alpha_lr(self, tau: float) -> float:
+        """Return the logit learning rate at temperature tau (method.md section 2, revision 3)."""
+        return self.cfg.alpha_lr * (tau if self.cfg.alpha_lr_rule == "tau" else 1.0)
 
     def run_epoch(self, epoch: int) -> dict:
         """Train one epoch of the search; update the argmax record; return the epoch's metrics."""
@@ -200,14 +234,13 @@ class SearchRecipe:
             emit(self.callback, ProgressEvent("step", "search", epoch + 1, cfg.epochs, i + 1, data.steps_per_epoch,
                                               {"loss": rec["loss"], "gap": rec["gap"], "rho": rec["rho"],
                                                "cost": rec["expected_cost"], "lam": rec["lambda"]}))
-        am = net.argmax_choice()
         train_loss = loss_sum / max(count, 1)
-        if am != self.state["argmax"]:
-            self.state.update(argmax=am, argmax_changed_epoch=epoch + 1, loss_at_change=train_loss)
+        if self.state["argmax_changed_step"] > epoch * data.steps_per_epoch:
+            self.state["loss_at_change"] = train_loss
         with torch.no_grad():
             c_end = float(net.expected_cost(self.metric))
-        ep = {"epoch": epoch + 1, "train_loss": train_loss, "argmax_cost": net.cost_ratio(am, self.metric),
-              "expected_cost": c_end}
+        ep = {"epoch": epoch + 1, "train_loss": train_loss,
+              "argmax_cost": net.cost_ratio(net.argmax_choice(), self.metric), "expected_cost": c_end}
         self.state["epochs"].append(ep)
         return ep
 
@@ -224,6 +257,34 @@ class SearchRecipe:
         emit(self.callback, ProgressEvent("end", "search", cfg.epochs, cfg.epochs))
 
     # ------------------------------------------------------------------ the policy
+    def diagnostics(self, choice: dict[str, tuple[int, int]], argmax: dict[str, tuple[int, int]]) -> dict:
+        """Return the decision diagnostics of method.md section 6 (revision 3), measured where they mean something.
+
+        undecided: a choice whose two largest logits are closer than one epoch of nominal logit steps at the
+        last pre-freeze temperature (alpha_lr * tau per step): one more epoch could flip it. did not move: a
+        choice whose logits moved less than a tenth of the nominal movement before the freeze. unstable: the
+        argmax changed in the last 10% of the steps before the freeze. far: the extraction differs from the
+        argmax in more than one choice per 4 layers.
+        """
+        cfg, steps = self.cfg, self.data.steps_per_epoch
+        epoch_move = steps * self.alpha_lr(temperature(max(self.freeze_step - 1, 0), self.total, cfg.tau_start,
+                                                       cfg.tau_end))
+        budget_move = sum(self.alpha_lr(temperature(t, self.total, cfg.tau_start, cfg.tau_end))
+                          for t in range(self.freeze_step))
+        gaps, moves = logit_gaps(self.net), logit_moves(self.net, self.state["start_logits"])
+        undecided = sum(g < epoch_move for g in gaps) / len(gaps)
+        still = sum(m < 0.1 * budget_move for m in moves) / len(moves) if budget_move > 0 else 1.0
+        last = self.state["argmax_changed_step"]
+        moved = choice_distance(choice, argmax)
+        return {"alpha_undecided_fraction": undecided, "alpha_undecided": undecided > 0.25,
+                "alpha_still_fraction": still, "alpha_did_not_move": still > 0.5,
+                "argmax_last_change_step": last, "argmax_last_change_epoch": math.ceil(last / steps) if last else 0,
+                "freeze_step": self.freeze_step,
+                "argmax_unstable": last > self.freeze_step - math.ceil(0.1 * self.freeze_step),
+                "extraction_vs_argmax_choices": moved, "extraction_far_from_argmax": moved > len(choice) / 4,
+                "policy_vs_start_choices": choice_distance(choice, self.state["start_argmax"]),
+                "epoch_logit_step": epoch_move, "logit_move_budget": budget_move}
+
     def finish(self, out_dir: str | Path, name: str | None, force: bool) -> SearchResult:
         """Extract the policy that meets the budget, check the diagnostics, write the policy and its log."""
         cfg, net, state = self.cfg, self.net, self.state
@@ -233,21 +294,18 @@ class SearchRecipe:
             choice, solve = extract(net, self.budget)
         else:
             choice, solve = argmax, {"cost_ratios": {self.metric: net.cost_ratio(argmax, self.metric)}}
-        undecided = max_prob_fraction(net)
-        moved = choice_distance(choice, argmax)
-        diag = {"alpha_undecided_fraction": undecided, "alpha_did_not_move": undecided > 0.5,
-                "extraction_vs_argmax_choices": moved, "extraction_far_from_argmax": moved > len(choice) / 4}
+        diag = self.diagnostics(choice, argmax)
         metrics = {"metric": self.metric, "budget": self.budget.describe() if self.budget else None,
                    "budget_ratio": self.ratios[0] if self.limits else None, "tol": cfg.tol,
                    **{f"extraction_{k}": v for k, v in solve.items()},
                    "extraction_cost_ratio": net.cost_ratio(choice, self.metric),
                    "extraction_exact_dp": solve.get("method") == "dp" if self.budget else None,
                    "argmax_cost_ratio": net.cost_ratio(argmax, self.metric),
-                   "expected_cost_ratio": state["epochs"][-1]["expected_cost"],
-                   "argmax_last_change_epoch": state["argmax_changed_epoch"],
+                   "expected_cost_ratio": state["epochs"][-1]["expected_cost"], "start_beta": state["beta"],
                    "proxy_train_loss_at_last_change": state["loss_at_change"],
                    "proxy_train_loss_final": state["epochs"][-1]["train_loss"], "final_lambda": self.ctrl.lam,
-                   "final_temperature": net.mixed_layers()[net.searched[0]].tau, **diag}
+                   "final_temperature": net.mixed_layers()[net.searched[0]].tau,
+                   "allow_diagnostics": cfg.allow_diagnostics, **diag}
         d = self.data
         pol = net.derive_policy(choice, cfg.edge_bits, provenance(
             self.command, dataset=d.name, dataset_fingerprint=d.fingerprint, dataset_info=d.info, seed=cfg.seed,
@@ -255,12 +313,17 @@ class SearchRecipe:
             metrics=metrics))
         if self.budget is not None and not self.budget.meets(net.table, choice):  # internal invariant
             raise BudgetError(f"extracted policy misses the budget {self.budget.describe()}")
-        bad = [k for k in ("alpha_did_not_move", "extraction_far_from_argmax") if diag[k]]
+        bad = [k for k in ("alpha_undecided", "alpha_did_not_move", "argmax_unstable", "extraction_far_from_argmax")
+               if diag[k]]
+        metrics["diagnostics_failed"] = bad
         if bad and not cfg.allow_diagnostics:
             raise SearchDiagnosticError(
-                f"search diagnostics failed: {', '.join(bad)} (undecided choices {undecided:.0%}, extraction differs "
-                f"from argmax in {moved} of {2 * len(choice)} choices); more epochs or another budget may help; "
-                f"rerun with --resume --allow-diagnostics to write the policy anyway (checkpoint in {self.run_dir})")
+                f"search diagnostics failed: {', '.join(bad)} (undecided choices {diag['alpha_undecided_fraction']:.0%}, "
+                f"choices that did not move {diag['alpha_still_fraction']:.0%}, argmax last changed at step "
+                f"{diag['argmax_last_change_step']} of {self.freeze_step} before the freeze, extraction differs from "
+                f"argmax in {diag['extraction_vs_argmax_choices']} of {2 * len(choice)} choices); more epochs, another "
+                f"budget or --alpha-lr may help; rerun with --resume --allow-diagnostics to write the policy anyway "
+                f"(checkpoint in {self.run_dir})")
         validate_policy(pol, net.model, "searched policy", costs=net.costs)
         path = finish(pol, state, out_dir, name, force, cfg.stem())
         return SearchResult(path, pol, metrics, self.run_dir)

@@ -45,6 +45,8 @@ class _MixedMixin:
         self.register_buffer("w_bits_t", torch.tensor(w_bits, dtype=torch.float32, device=dev), persistent=False)
         self.register_buffer("a_bits_t", torch.tensor(a_bits, dtype=torch.float32, device=dev), persistent=False)
         self.tau = 1.0
+        # --perturb quantized: keep the gradient of W_mix in pass 1, add the perturbation to it in pass 2
+        self.capture_mix_grad, self.mix_grad, self.mix_offset = False, None, None
 
     def probs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (softmax(alpha_w / tau), softmax(alpha_a / tau))."""
@@ -57,6 +59,16 @@ class _MixedMixin:
         if self.fused:
             return mixed_quantize(self.weight, pw, self.wq)
         return sum(p * q(self.weight) for p, q in zip(pw, self.wq, strict=False))
+
+    def search_weight(self, pw: torch.Tensor) -> torch.Tensor:
+        """Return W_mix as the forward uses it: perturbed in pass 2 of --perturb quantized, its gradient kept in pass 1."""
+        wm = self.mixed_weight(pw)
+        if self.capture_mix_grad and wm.requires_grad:
+            wm.register_hook(self._keep_mix_grad)
+        return wm if self.mix_offset is None else wm + self.mix_offset
+
+    def _keep_mix_grad(self, grad: torch.Tensor) -> None:
+        self.mix_grad = grad.detach()
 
     def mixed_input(self, x: torch.Tensor, pa: torch.Tensor) -> torch.Tensor:
         """Return x_mix = sum_j pa_j * Q_a^{b_j}(x)."""
@@ -83,7 +95,7 @@ class MixedConv2d(_MixedMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pw, pa = self.probs()
-        return self._conv_forward(self.mixed_input(x, pa), self.mixed_weight(pw), self.bias)
+        return self._conv_forward(self.mixed_input(x, pa), self.search_weight(pw), self.bias)
 
 
 class MixedLinear(_MixedMixin, nn.Linear):
@@ -99,7 +111,7 @@ class MixedLinear(_MixedMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pw, pa = self.probs()
-        return F.linear(self.mixed_input(x, pa), self.mixed_weight(pw), self.bias)
+        return F.linear(self.mixed_input(x, pa), self.search_weight(pw), self.bias)
 
 
 CALIB_SAMPLES = 32768
