@@ -30,7 +30,7 @@ BITS = (2, 4, 8)
 
 @pytest.fixture(scope="module")
 def table(float_ckpt):
-    cfg = SensitivityConfig(str(float_ckpt), weight_bits=BITS, act_bits=BITS, reference=(4, 4), images=32,
+    cfg = SensitivityConfig(str(float_ckpt), target="sim", weight_bits=BITS, act_bits=BITS, reference=(4, 4), images=32,
                             calib_images=16, bn_images=16, batch_size=16, hessian_samples=1, hessian_images=16,
                             finetune_steps=2, finetune_warmup=2, finetune_batch=8)
     return measure(cfg)
@@ -115,7 +115,7 @@ def test_reestimate_bn_replaces_the_running_statistics():
 
 def test_cli_sensitivity_then_search_method_sensitivity(cli, float_ckpt, tmp_path, one_error_line, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = cli("sensitivity", "--float", float_ckpt, "--weight-bits", "2,4,8", "--act-bits", "2,4,8",
+    res = cli("sensitivity", "--float", float_ckpt, "--target", "sim", "--weight-bits", "2,4,8", "--act-bits", "2,4,8",
               "--images", "16", "--calib-images", "16", "--bn-images", "16", "--hessian-samples", "0",
               "--budget-bitops", "0.2", "--out", "sens")
     assert res.exit_code == 0, res.stderr
@@ -124,12 +124,12 @@ def test_cli_sensitivity_then_search_method_sensitivity(cli, float_ckpt, tmp_pat
     res = cli("search", "--method", "sensitivity", "--sensitivity", "sens/sensitivity.json",
               "--budget-bitops", "0.25", "--tol", "0.3", "--out", "pol")
     assert res.exit_code == 0, res.stderr
-    pol = Policy.load(tmp_path / "pol/tinynet-sensitivity-r25.json")
+    pol = Policy.load(tmp_path / "pol/tinynet-sensitivity-r25-sim.json")
     validate_policy(pol, create_model("tinynet", 10, 1))
     assert pol.provenance["method"] == "sensitivity" and 0.175 <= pol.cost["bitops_vs_w8a8"] <= 0.25
     res = cli("search", "--method", "sensitivity", "--sensitivity", "sens/sensitivity.json",
               "--budget-bitops", "0.25", "--tol", "0.3", "--out", "pol", "--pick", "random", "--seed", "4")
-    assert res.exit_code == 0 and (tmp_path / "pol/tinynet-sensitivity-random-r25-s4.json").is_file()
+    assert res.exit_code == 0 and (tmp_path / "pol/tinynet-sensitivity-random-r25-sim-s4.json").is_file()
     assert "--sensitivity TABLE" in one_error_line(cli("search", "--method", "sensitivity", "--budget-bitops", "0.2"))
     assert "needs --model and --dataset" in one_error_line(cli("search", "--budget-bitops", "0.2"))
     assert "exists; pass --force" in one_error_line(cli("sensitivity", "--float", float_ckpt, "--out", "sens"))
