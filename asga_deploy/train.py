@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
 from . import data
 from .checkpoint import (
@@ -83,6 +84,8 @@ class TrainConfig:
     input_size: int | None = None
     train_limit: int | None = None  # a class-balanced seeded subset of the training split
     test_limit: int | None = None
+    exclude_proxy: int | None = None  # leave out the search proxy of this size (drawn with proxy_seed) from training
+    proxy_seed: int = 0
     device: str = "auto"
     amp_bf16: bool = False
     out_dir: str = "export"
@@ -265,6 +268,12 @@ def run_train(cfg: TrainConfig, resume: bool = False, force: bool = False,
     train_set, test_set = (data.get_dataset(cfg.dataset, s, cfg.data_dir, in_chans, size,
                                             augment=cfg.augment and s == "train", download=cfg.download)
                            for s in ("train", "test"))
+    excluded = None
+    if cfg.exclude_proxy:  # the float model that initialises a search never sees that search's proxy images
+        proxy, fp = data.proxy_subset(train_set, cfg.exclude_proxy, cfg.proxy_seed, cfg.dataset, "train")
+        held = set(proxy.indices)
+        train_set = Subset(train_set, [i for i in range(len(train_set)) if i not in held])
+        excluded = {"size": len(held), "seed": cfg.proxy_seed, "fingerprint": fp}
     if cfg.train_limit:
         train_set, _ = data.proxy_subset(train_set, cfg.train_limit, cfg.seed, cfg.dataset, "train")
     if cfg.test_limit:
@@ -274,7 +283,7 @@ def run_train(cfg: TrainConfig, resume: bool = False, force: bool = False,
         seed_everything(cfg.seed)
         model = create_model(cfg.model, num_classes=spec.num_classes, in_chans=in_chans)
         meta = {"kind": "float", "model_name": cfg.model, "num_classes": spec.num_classes, "in_chans": in_chans,
-                "input_size": size, "dataset": cfg.dataset, "config": asdict(cfg)}
+                "input_size": size, "dataset": cfg.dataset, "config": asdict(cfg), "excluded_proxy": excluded}
         if state is not None and dist.is_main:
             emit(callback, ProgressEvent("info", "train", message=f"resuming {ckpt_path} after epoch {state['epoch']}"))
         record = fit(model, train_set, test_set, cfg.recipe(), dist, ckpt_path, meta, state, callback, "train")

@@ -138,3 +138,44 @@ def test_failed_diagnostics_stop_the_search_until_allowed(tmp_path):
     assert res.metrics["alpha_did_not_move"] is True and res.metrics["alpha_still_fraction"] == 1.0
     assert res.metrics["allow_diagnostics"] is True and "alpha_did_not_move" in res.metrics["diagnostics_failed"]
     assert res.policy_path.is_file()
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """Every `asga search` option that sets a SearchConfig field defaults to that field's default."""
+    import dataclasses
+
+    import typer
+
+    from asga_deploy.cli.search_cmd import search
+
+    fields = {f.name: f.default for f in dataclasses.fields(SearchConfig) if f.default is not dataclasses.MISSING}
+    aliases = {"lam": "lam", "float_ckpt": None, "no_replace": None}
+    checked = 0
+    for name, p in __import__("inspect").signature(search).parameters.items():
+        key = aliases.get(name, name)
+        if key in fields and isinstance(p.default, typer.models.OptionInfo):
+            default = p.default.default
+            want = fields[key]
+            if isinstance(want, tuple):
+                default = tuple(int(b) for b in str(default).split(","))
+            assert default == want, f"--{name.replace('_', '-')}: CLI {default!r} vs SearchConfig {want!r}"
+            checked += 1
+    assert checked >= 25
+
+
+def test_float_init_that_never_saw_the_proxy(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = "fake:train=96,test=32,size=12"
+    res = cli("train", "--model", "tinynet", "--dataset", data, "--epochs", "1", "--batch-size", "32",
+              "--exclude-proxy", "40", "--proxy-seed", "3", "--run", "fl", "--device", "cpu")
+    assert res.exit_code == 0, res.stderr
+    ck = torch.load(tmp_path / "export/fl/float.pt", weights_only=True)
+    assert ck["excluded_proxy"]["size"] == 40 and ck["metrics"]["history"][0]["train_top1"] >= 0
+    args = ["search", "--model", "tinynet", "--dataset", data, "--subset", "40", "--batch-size", "20",
+            "--epochs", "1", "--budget-bitops", "0.25", "--allow-diagnostics", "--float", "export/fl/float.pt"]
+    assert cli(*args, "--proxy-seed", "3").exit_code == 0
+    pol = Policy.load(next((tmp_path / "policies").glob("*.json")))
+    assert pol.provenance["supernet_init"]["proxy_excluded_from_float"] is True
+    assert cli(*args, "--proxy-seed", "4", "--force").exit_code == 0  # another proxy: the float model saw it
+    pol = Policy.load(next((tmp_path / "policies").glob("*.json")))
+    assert pol.provenance["supernet_init"]["proxy_excluded_from_float"] is False

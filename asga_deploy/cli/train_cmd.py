@@ -40,6 +40,9 @@ def train(
                                  "(helps long runs; slows 3-epoch runs down)"),
     train_limit: int = typer.Option(None, help="train on a class-balanced subset of this many images"),
     test_limit: int = typer.Option(None, help="evaluate on a class-balanced subset of this many images"),
+    exclude_proxy: int = typer.Option(None, help="leave out of training the N-image search proxy that `asga search "
+                                      "--subset N --proxy-seed S` draws (a float init that never saw the proxy)"),
+    proxy_seed: int = typer.Option(0, help="the seed of the proxy left out by --exclude-proxy"),
     workers: int = typer.Option(0, min=0, help="data-loader worker processes"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     bf16: bool = typer.Option(False, help="bfloat16 autocast (CUDA)"),
@@ -50,7 +53,8 @@ def train(
     cfg = TrainConfig(model=model, dataset=dataset, data_dir=str(data_dir) if data_dir else None, epochs=epochs,
                       batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       seed=seed, workers=workers, augment=augment, download=download, train_limit=train_limit,
-                      test_limit=test_limit, device=device, amp_bf16=bf16, out_dir=str(out), run=run)
+                      test_limit=test_limit, exclude_proxy=exclude_proxy, proxy_seed=proxy_seed, device=device,
+                      amp_bf16=bf16, out_dir=str(out), run=run)
     progress = RichProgress(keys=KEYS)
     try:
         res = run_train(cfg, resume=resume, force=force, callback=progress)

@@ -55,7 +55,9 @@ def build_model(cfg: SearchConfig, data: SearchData) -> tuple[torch.nn.Module, d
         return model, {"init": "torchvision", "note": "pretrained backbone, new classifier head"}
     ckpt = load_checkpoint(cfg.init, "float")
     model = load_weights(create_model(cfg.model, data.num_classes, data.in_chans), cfg.init, cfg.model)
+    excluded = ckpt.get("excluded_proxy") or {}
     return model, {"init": "float", "checkpoint": str(cfg.init), "checkpoint_dataset": ckpt.get("dataset"),
+                   "proxy_excluded_from_float": excluded.get("fingerprint") == data.fingerprint,
                    "checkpoint_provenance": ckpt.get("provenance", {})}
 
 
