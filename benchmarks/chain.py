@@ -23,15 +23,17 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def float_model(root: Path, model: str, dataset: str, epochs: int, seed: int = 0) -> dict:
-    """Train (or reuse) the float model; return its train.json."""
+def float_model(root: Path, model: str, dataset: str, epochs: int, seed: int = 0, exclude_proxy: int | None = None,
+                proxy_seed: int = 0) -> dict:
+    """Train (or reuse) the float model (without the search proxy's images when exclude_proxy); return train.json."""
     from asga_deploy.train import TrainConfig, run_train
 
     rep = root / "float" / "train.json"
     if rep.exists():
         return json.loads(rep.read_text())
-    log(f"train float {model} {epochs} epochs")
-    cfg = TrainConfig(model=model, dataset=dataset, epochs=epochs, seed=seed, out_dir=str(root), run="float")
+    log(f"train float {model} {epochs} epochs" + (f", proxy of {exclude_proxy} left out" if exclude_proxy else ""))
+    cfg = TrainConfig(model=model, dataset=dataset, epochs=epochs, seed=seed, out_dir=str(root), run="float",
+                      exclude_proxy=exclude_proxy, proxy_seed=proxy_seed)
     return run_train(cfg, resume=(root / "float" / "float.pt").exists()).report
 
 
@@ -46,7 +48,8 @@ def search_stem(model: str, tag: str, budget: float, seed: int) -> str:
 
 
 def search(root: Path, model: str, dataset: str, objective: str, seed: int, budget: float, subset: int | None,
-           epochs: int, float_ckpt: Path, tag: str | None = None, **overrides) -> dict:
+           epochs: int, float_ckpt: Path, tag: str | None = None, allow_diagnostics: bool = False,
+           **overrides) -> dict:
     """Search (or reuse) a policy; return {"policy": path, "metrics", "wall_s", "steps"}."""
     from asga_deploy.search.proxy import proxy_data
     from asga_deploy.search.run import SearchConfig, run_search
@@ -59,13 +62,16 @@ def search(root: Path, model: str, dataset: str, objective: str, seed: int, budg
         return json.loads(meta_path.read_text())
     log(f"search {name} (subset {subset}, {epochs} epochs)")
     cfg = SearchConfig(model=model, dataset=dataset, subset=subset, objective=objective, epochs=epochs, seed=seed,
-                       target="ort", budget_bitops=budget, init=str(float_ckpt), allow_diagnostics=True, **overrides)
+                       target="ort", budget_bitops=budget, init=str(float_ckpt), allow_diagnostics=allow_diagnostics,
+                       **overrides)
     run_dir = root / "search" / name
     t0 = time.perf_counter()
     res = run_search(cfg, proxy_data(cfg), out_dir=root / "policies", run_dir=run_dir, name=name, force=True,
                      resume=(run_dir / "checkpoint.pt").exists(), command=f"benchmark {tag}")
     meta = {"policy": str(pol_path), "metrics": res.metrics, "wall_s": time.perf_counter() - t0,
-            "objective": objective, "tag": tag, "seed": seed, "subset": subset, "epochs": epochs}
+            "objective": objective, "tag": tag, "seed": seed, "subset": subset, "epochs": epochs,
+            "allow_diagnostics": allow_diagnostics, "diagnostics_failed": res.metrics.get("diagnostics_failed", []),
+            "overrides": overrides}
     atomic_write_json(meta_path, meta)
     return meta
 
