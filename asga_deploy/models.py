@@ -1,4 +1,4 @@
-"""Model zoo: a name -> constructor registry (timm style), proxy variants and tiny test models.
+"""Model zoo: a name -> constructor registry (timm style), proxy variants, width variants, tiny test models.
 
 Every searchable layer (Conv2d / Linear) keeps the same module name in a model and in its proxy
 variant, so that a policy searched on the proxy maps onto the target network by name.
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UnknownModelError
+from .mobilenet_cifar import MobileNetV2Cifar
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,30 @@ def smallcnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
 @register_model("resnet20", 32, "CIFAR-style ResNet-20 (20 searched: 18 3x3 convs + 2 projections)")
 def resnet20(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return CifarResNet(20, num_classes, in_chans)
+
+
+@register_model("resnet20-w0.5", 32,
+                "ResNet-20 at half width (8/16/32 ch, 10.3M MACs at 3x32); resnet20's layer names")
+def resnet20_w050(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return CifarResNet(20, num_classes, in_chans, width=8)
+
+
+@register_model("resnet20-w0.25", 32,
+                "ResNet-20 at quarter width (4/8/16 ch, 2.6M MACs at 3x32); resnet20's layer names")
+def resnet20_w025(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return CifarResNet(20, num_classes, in_chans, width=4)
+
+
+@register_model("mobilenetv2-cifar", 32,
+                "MobileNetV2 for 28-32 px: 34 convs (11 depthwise, 22 1x1), 16-96 ch, 14.1M MACs at 3x32")
+def mobilenetv2_cifar(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return MobileNetV2Cifar(num_classes, in_chans)
+
+
+@register_model("mobilenetv2-cifar-w0.5", 32,
+                "mobilenetv2-cifar at half width (8-48 ch, 4.7M MACs at 3x32); the same layer names")
+def mobilenetv2_cifar_w050(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return MobileNetV2Cifar(num_classes, in_chans, width=0.5)
 
 
 @register_model("resnet32", 32, "CIFAR-style ResNet-32")
