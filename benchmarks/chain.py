@@ -83,18 +83,18 @@ def search_log(root: Path, stem: str) -> list[dict]:
 
 
 def finetune(root: Path, policy: Path, dataset: str, seed: int, epochs: int, float_ckpt: Path,
-             train_limit: int | None = None) -> dict:
+             train_limit: int | None = None, kd: bool = False, tag: str = "") -> dict:
     """Fine-tune (or reuse) a policy with one seed (on a seeded class-balanced subset of train_limit images, if
-    given); return finetune.json."""
+    given; distilling from the float model with kd); return finetune.json. `tag` separates recipes in the cache."""
     from asga_deploy.finetune import FinetuneConfig, run_finetune
 
-    run = f"{policy.stem}-ft{seed}"
+    run = f"{policy.stem}{'-' + tag if tag else ''}-ft{seed}"
     rep = root / "finetune" / run / "finetune.json"
     if rep.exists():
         return json.loads(rep.read_text())
-    log(f"finetune {run} ({epochs} epochs, {train_limit or 'all'} training images)")
+    log(f"finetune {run} ({epochs} epochs, {train_limit or 'all'} training images{', kd' if kd else ''})")
     cfg = FinetuneConfig(policy=str(policy), float_checkpoint=str(float_ckpt), dataset=dataset, epochs=epochs,
-                         seed=seed, out_dir=str(root / "finetune"), run=run, train_limit=train_limit)
+                         seed=seed, out_dir=str(root / "finetune"), run=run, train_limit=train_limit, kd=kd)
     return run_finetune(cfg, resume=(root / "finetune" / run / "finetuned.pt").exists()).report
 
 
@@ -102,6 +102,19 @@ def spread(values: list[float]) -> dict:
     """Return mean, standard deviation (0 for one value), min, max and count."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "n": len(values)}
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Return the paired difference a - b (same seeds): mean, its 95% t-interval and whether it excludes 0."""
+    from scipy.stats import t
+
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return {"mean": mean, "ci95": None, "n": len(d), "excludes_zero": False}
+    half = float(t.ppf(0.975, len(d) - 1)) * statistics.stdev(d) / len(d) ** 0.5
+    return {"mean": mean, "ci95": [mean - half, mean + half], "half_width": half, "n": len(d),
+            "excludes_zero": mean - half > 0 or mean + half < 0}
 
 
 def write_result(name: str, command: str, settings: dict, results: dict, ratio: float | None = None) -> Path:
