@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..budget import Budget
 from ..errors import AsgaError
+from ..io import check_name, check_output_dir
 from ..naming import artifact_stem
 from ..policy import Policy
 from .objective import rho_rule_for
@@ -46,6 +47,7 @@ class SearchConfig:
     k_p: float = 2.0  # controller gains on e = C/T - 1 (method.md 6), tuned on resnet20 and smallcnn
     eta: float = 0.1
     lam_max: float = 10.0
+    band: float = 0.0  # the controller acts only outside [(1 - band) T, T]
     start_at_budget: bool = True  # logits start with a cost bias that puts C(alpha_0) at the budget
     freeze_frac: float = 0.15  # the logits are frozen for this last fraction of the steps; the weights train on
     tol: float = 0.03
@@ -114,3 +116,11 @@ class SearchResult:
     policy: Policy
     metrics: dict
     run_dir: Path
+
+
+def check_search_outputs(out_dir: str | Path, run_dir: str | Path, name: str | None) -> None:
+    """Raise AsgaError, before any data is read or any step taken, when the policy folder or the run folder
+    cannot be written or --name is not a plain file name."""
+    check_name(name, "--name")
+    check_output_dir(out_dir)
+    check_output_dir(run_dir)

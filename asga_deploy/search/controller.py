@@ -24,6 +24,8 @@ class Controller:
 
     lambda_used = lambda + k_p e_t;  lambda <- clip(lambda + eta e_t, -lam_max, lam_max). No target ramp:
     the logits start at the budget (`start_at_budget`); the recipe freezes the LOGITS for the last steps.
+    Inside the band [(1 - band) T, T] the error is 0: discrete policies cannot sit exactly on T, and a
+    point target makes the controller flip marginal layers back and forth until the end (measured).
     A soft budget (target None) returns its fixed lambda.
     """
 
@@ -32,13 +34,16 @@ class Controller:
     k_p: float = 2.0
     eta: float = 0.1
     lam_max: float = 10.0
+    band: float = 0.0
     error: float = 0.0
 
     def __call__(self, cost: float) -> float:
         """Return lambda_used for a step at expected cost `cost` and update the (clamped) integral."""
         if self.target is None:
             return self.lam
-        self.error = cost / self.target - 1.0
+        r = cost / self.target
+        lo = 1.0 - self.band
+        self.error = r - 1.0 if r > 1.0 else (r - lo if r < lo else 0.0)
         used = self.lam + self.k_p * self.error
         self.lam = min(max(self.lam + self.eta * self.error, -self.lam_max), self.lam_max)
         return used

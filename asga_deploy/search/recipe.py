@@ -79,7 +79,8 @@ def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, Budget
     check_bits(cfg.act_bits, "activation")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise AsgaError(f"epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be at least 1")
-    for name in ("lr", "alpha_lr", "gamma", "epsilon", "rho_min", "k_p", "eta", "lam_max", "tau_start", "tau_end"):
+    for name in ("lr", "alpha_lr", "gamma", "epsilon", "rho_min", "k_p", "eta", "lam_max", "band", "tau_start",
+                 "tau_end"):
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v >= 0) or (name in ("tau_start", "tau_end", "epsilon") and v == 0):
             raise AsgaError(f"--{name.replace('_', '-')} {v}: must be a finite number "
@@ -121,7 +122,7 @@ class SearchRecipe:
                                      lr=cfg.lr, momentum=cfg.momentum)
         self.a_opt = torch.optim.Adam(a_params, lr=cfg.alpha_lr, weight_decay=0.0)
         self.radius = Radius(cfg.rho_rule, cfg.epsilon, cfg.rho_min)
-        self.ctrl = Controller(1.0 if self.limits else None, cfg.lam, cfg.k_p, cfg.eta, cfg.lam_max)
+        self.ctrl = Controller(1.0 if self.limits else None, cfg.lam, cfg.k_p, cfg.eta, cfg.lam_max, cfg.band)
         self.stepper = ASGAStep(self.net, w_params, a_params, self.w_opt, self.a_opt, cfg.objective, cfg.gamma,
                                 self.radius, cost_fn=self.budget_use, perturb=cfg.perturb)
         self.total = cfg.epochs * data.steps_per_epoch
