@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -308,6 +309,7 @@ class SearchRecipe:
                    "proxy_train_loss_at_last_change": state["loss_at_change"],
                    "proxy_train_loss_final": state["epochs"][-1]["train_loss"], "final_lambda": self.ctrl.lam,
                    "final_temperature": net.mixed_layers()[net.searched[0]].tau,
+                   "flipped_codes_mean": statistics.fmean(r["flipped_codes"] for r in state["log"]),
                    "allow_diagnostics": cfg.allow_diagnostics, **diag}
         d = self.data
         pol = net.derive_policy(choice, cfg.edge_bits, provenance(
