@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from asga_deploy.export.kernels import integer_kernels  # noqa: E402
 from asga_deploy.export.onnx_qdq import LoweringConfig, lower, prepare_model  # noqa: E402
-from asga_deploy.export.ort import integer_kernels, session  # noqa: E402
+from asga_deploy.export.ort import session  # noqa: E402
 from asga_deploy.io import atomic_write_json, git_commit, machine_info, versions  # noqa: E402
 from asga_deploy.models import create_model  # noqa: E402
 from asga_deploy.policy import LayerBits, Policy, uniform_policy  # noqa: E402

@@ -1,4 +1,5 @@
-"""Exact QDQ export: parity per target, grids, zero points, Clip bounds, INT4, metadata, ORT fusion, TRT check."""
+"""Exact QDQ export: bit-identical parity, integer kernels for every layer, grids, zero points, Clip bounds,
+metadata, TensorRT's static check. Every assertion holds on x86 CPUs with and without VNNI (see test_export_cpu)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,34 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, numpy_helper  # noqa: E402
 
-from asga_deploy.errors import UnsupportedTargetError  # noqa: E402
+from asga_deploy.errors import ExportError, UnsupportedTargetError  # noqa: E402
 from asga_deploy.export.check import check_tensorrt  # noqa: E402
-from asga_deploy.export.ort import ParityConfig, integer_kernels  # noqa: E402
+from asga_deploy.export.kernels import integer_kernels  # noqa: E402
+from asga_deploy.export.ort import ParityConfig  # noqa: E402
 from asga_deploy.export.run import ExportConfig, run_export  # noqa: E402
 from asga_deploy.policy import Policy, uniform_policy  # noqa: E402
 
-from .test_export_helpers import make_checkpoint, random_loader  # noqa: E402
+from .test_export_helpers import make_checkpoint, mixed_policy, random_loader  # noqa: E402
 
-CASES = {  # name: (model, w, a, target, int4)
-    "ort_w8a8_resnet": ("tinyresnet", 8, 8, "ort", False),
-    "ort_w4a4_int4": ("tinynet", 4, 4, "ort", True),
-    "trt_w4a6_dw": ("tinydw", 4, 6, "tensorrt", False),
-    "trt_w5a7_resnet": ("tinyresnet", 5, 7, "tensorrt", False),
-    "sim_w3a5": ("tinynet", 3, 5, "sim", False),
+CASES = {  # name: (model, w, a, target, int4, mixed)
+    "ort_w8a8_resnet": ("tinyresnet", 8, 8, "ort", False, False),  # W7A8: ort keeps weights on 7 bits
+    "ort_mixed_resnet": ("tinyresnet", 4, 4, "ort", False, True),  # activations 2..6 bits
+    "ort_mixed_dw": ("tinydw", 4, 4, "ort", False, True),  # depthwise, ReLU6
+    "ortw8_w8a8": ("tinynet", 8, 8, "ort-w8", False, False),  # true 8-bit weights + session option
+    "trt_w4a6_dw": ("tinydw", 4, 6, "tensorrt", False, False),
+    "trt_w5a7_resnet": ("tinyresnet", 5, 7, "tensorrt", False, False),
+    "sim_w4a4_int4": ("tinynet", 4, 4, "sim", True, False),
 }
+ORT_CASES = [c for c, v in CASES.items() if v[3].startswith("ort")]
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """Export every case once (with a random-data parity run); return {case: (report, proto, policy)}."""
+    """Export every case once (parity on 64 random images); return {case: (report, proto, policy)}."""
     out = {}
-    for case, (name, w, a, target, int4) in CASES.items():
+    for case, (name, w, a, target, int4, mixed) in CASES.items():
         tmp = tmp_path_factory.mktemp(case)
-        p, c, pol = make_checkpoint(tmp, name, w, a, target)
+        p, c, pol = make_checkpoint(tmp, name, w, a, target, policy=mixed_policy(name, target) if mixed else None)
         cfg = ExportConfig(str(p), str(c), out_dir=str(tmp / "out"), int4_storage=int4,
                            parity=ParityConfig(images=64))
         rep = run_export(cfg, loader=random_loader(tuple(pol.cost["input_shape"])))
@@ -56,14 +61,44 @@ def _users(proto, name):
     return [n for n in proto.graph.node if name in n.input]
 
 
+def _producer(proto, name):
+    return next((n for n in proto.graph.node if name in n.output), None)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_and_bn_folded(exports, case):
     rep, proto, _ = exports[case]
     p = rep["parity"]
     assert p["passed"] and p["top1_agreement"] >= 0.995 and p["images"] == 64
-    assert p["max_abs_logit_diff"] < 1e-2
+    assert p["comparisons"]["ort_vs_fake_quant"]["top1_agreement"] >= 0.995
+    assert set(p["comparisons"]) == {"ort_vs_integer_reference", "ort_vs_unoptimized", "unoptimized_vs_fake_quant",
+                                     "ort_vs_fake_quant"}
+    assert p["isa"]["kind"] and rep["isa"] == p["isa"]
     assert not [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+
+@pytest.mark.parametrize("case", ORT_CASES)
+def test_ort_logits_bit_identical_to_the_integer_reference(exports, case):
+    """Every unit runs on an integer kernel, so ORT's logits equal the reference that rounds as its kernels do."""
+    p = exports[case][0]["parity"]
+    assert p["steps_checked"] and p["bit_identical"] and p["max_output_steps"] == 0.0
+    assert p["max_abs_logit_diff"] == 0.0 and len(p["logit_step"]) == 10
+
+
+@pytest.mark.parametrize("case", ORT_CASES)
+def test_every_conv_the_classifier_adds_and_pooling_on_integer_kernels(exports, case):
+    rep, _, pol = exports[case]
+    k = rep["ort_integer_kernels"]
+    assert set(k["layers"]) == set(pol.layers) and k["not_integer"] == [] and k["ops_not_integer"] == []
+    assert k["integer"] == k["total"] == len(pol.layers)
+    kernels = {n: v["kernel"] for n, v in k["layers"].items()}
+    assert kernels.pop("fc") == "QGemm" and set(kernels.values()) == {"QLinearConv"}
+    assert {v["kernel"] for v in k["ops"].values()} <= {"QLinearAdd", "QLinearGlobalAveragePool"}
+    assert k["optimized_ops"].get("QLinearGlobalAveragePool") == 1
+    assert "Relu" not in k["optimized_ops"] and "Gemm" not in k["optimized_ops"]
+    if pol.model == "tinyresnet":
+        assert k["optimized_ops"].get("QLinearAdd") == 2
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -84,34 +119,81 @@ def test_weights_on_their_grid_per_channel_zero_point_zero(exports, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_bias_int32_on_the_accumulator_grid_where_the_target_fuses(exports, case):
+    _, proto, pol = exports[case]
+    consts = _consts(proto)
+    for layer in pol.layers:
+        (node,) = [n for n in proto.graph.node if n.name == layer]
+        bias = _producer(proto, node.input[2]) if len(node.input) > 2 else None
+        if CASES[case][3] == "tensorrt":  # TensorRT's DequantizeLinear takes no INT32: the bias stays float
+            assert bias is None or bias.op_type != "DequantizeLinear"
+            continue
+        assert bias.op_type == "DequantizeLinear" and consts[bias.input[0]].dtype == np.int32
+        x_dq = _producer(proto, node.input[0])
+        w_dq = _producer(proto, node.input[1])
+        grid = np.float32(consts[x_dq.input[1]]) * consts[w_dq.input[1]].astype(np.float32)
+        assert np.array_equal(consts[bias.input[1]], grid)  # s_x * s_w in float32, as ORT computes it
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_activation_zero_points_types_and_clip_bounds(exports, case):
     _, proto, pol = exports[case]
     target = CASES[case][3]
     consts = _consts(proto)
     qs = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert qs
-    for q in qs:
+    for q in qs:  # TensorRT: INT8, zero point 0; ONNX Runtime: UINT8, a signed grid shifted by 128 (its x86 form)
         zp = consts[q.input[2]]
-        assert (zp.astype(np.int32) == 0).all()
-        if target == "tensorrt":
-            assert zp.dtype == np.int8
+        assert zp.dtype == (np.int8 if target == "tensorrt" else np.uint8) and int(zp) in (0, 128)
+        assert int(zp) == 0 or target != "tensorrt"
     checked = 0
-    for layer, bits in pol.layers.items():  # layer input: [Clip ->] Q -> DQ -> layer
+    for layer, bits in pol.layers.items():  # layer input: [Q8 -> DQ ->] [Clip ->] Q -> DQ -> layer
         (node,) = [n for n in proto.graph.node if n.name == layer]
-        dq = next(n for n in proto.graph.node if n.output[0] == node.input[0])
-        q = next(n for n in proto.graph.node if n.output[0] == dq.input[0])
+        dq = _producer(proto, node.input[0])
+        q = _producer(proto, dq.input[0])
         s, zp = float(consts[q.input[1]]), consts[q.input[2]]
         unsigned = not bits.act_signed
-        assert zp.dtype == (np.uint8 if unsigned and target != "tensorrt" else np.int8)
-        clip = next((n for n in proto.graph.node if n.output[0] == q.input[0] and n.op_type == "Clip"), None)
+        assert int(zp) == (128 if bits.act_signed and target != "tensorrt" else 0)
+        clip = _producer(proto, q.input[0])
         if bits.act_bits == 8:
-            assert clip is None
+            assert clip is None or clip.op_type != "Clip"
             continue
+        assert clip.op_type == "Clip"
         lo, hi = float(consts[clip.input[1]]), float(consts[clip.input[2]])
         qmin, qmax = (0, 2**bits.act_bits - 1) if unsigned else (-(2 ** (bits.act_bits - 1)), 2 ** (bits.act_bits - 1) - 1)
-        assert lo == pytest.approx(qmin * s, rel=1e-6, abs=1e-12) and hi == pytest.approx(qmax * s, rel=1e-6)
+        assert lo == np.float32(s) * qmin and hi == np.float32(s) * qmax  # float32 products: Q maps them to qmin/qmax
         checked += 1
     assert checked or all(b.act_bits == 8 for b in pol.layers.values())
+
+
+@pytest.mark.parametrize("case", ["ort_mixed_resnet", "ort_mixed_dw"])
+def test_sub8bit_clip_never_follows_a_dequantize_of_another_scale(exports, case):
+    """The extra 8-bit pair goes only where a conv (or pooling) produces the Clip's input: after a DQ of another
+    scale ONNX Runtime would merge the two Q/DQ pairs and change values."""
+    _, proto, _ = exports[case]
+    consts = _consts(proto)
+    fused = 0
+    for clip in [n for n in proto.graph.node if n.op_type == "Clip"]:
+        (q,) = _users(proto, clip.output[0])
+        src = _producer(proto, clip.input[0])
+        if src is not None and src.op_type == "DequantizeLinear":
+            pair = _producer(proto, src.input[0])
+            if pair.op_type == "QuantizeLinear" and consts[pair.input[1]] == consts[q.input[1]]:
+                fused += _producer(proto, pair.input[0]).op_type in ("Conv", "Relu", "GlobalAveragePool")
+    assert fused >= 2
+
+
+def test_ort_w8_records_the_session_option_and_ort_needs_none(exports):
+    for case in CASES:
+        rep, proto, _ = exports[case]
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if CASES[case][3] == "ort":
+            assert rep["ort_session_config"] == {} and "asga.ort_session_config" not in meta
+            assert rep["u8s8_saturating_layers"] == {}
+        if CASES[case][3] == "ort-w8":  # 8-bit weights x 8-bit activations: pairs reach 2 * 255 * 127
+            assert json.loads(meta["asga.ort_session_config"]) == {"session.x64quantprecision": "1"}
+            assert rep["parity"]["session_config"] == {"session.x64quantprecision": "1"}
+            assert set(rep["u8s8_saturating_layers"]) == {"conv1", "conv2", "conv3", "fc"}
 
 
 def test_metadata_round_trips_the_policy(exports):
@@ -123,24 +205,31 @@ def test_metadata_round_trips_the_policy(exports):
         assert meta["asga.target"] == rep["target"]
 
 
-def test_w8a8_fuses_every_conv_in_ort(exports):
-    rep, proto, pol = exports["ort_w8a8_resnet"]
-    k = rep["ort_integer_kernels"]
-    convs = [n for n in pol.layers if n != "fc"]
-    assert all(k["layers"][n]["integer"] and k["layers"][n]["kernel"] == "QLinearConv" for n in convs)
-    assert k["optimized_ops"].get("QLinearAdd") == 2  # both residual Adds run on integers
-    assert "Relu" not in k["optimized_ops"]  # ORT drops each Relu in front of a zero-point-0 UINT8 Q
-    names = [q["name"] for q in rep["deploy_quantizers"] if q["role"] != "tied_input"]
-    assert names and all(n.startswith("deploy_quant.") for n in names)
-    assert rep["parity"]["max_abs_logit_diff"] == 0.0  # integer kernels and torch agree to the bit here
-
-
-def test_int4_storage_runs_matches_and_is_smaller(exports):
-    rep, proto, _ = exports["ort_w4a4_int4"]
+def test_int4_storage_on_sim_shows_float_convs_and_is_refused_on_ort(exports, tmp_path):
+    rep, _, pol = exports["sim_w4a4_int4"]
     s = rep["sizes"]
-    assert s["int4_storage"] and s["weights"]["int4"] > 0
+    assert s["int4_storage"] and s["weights"]["int4"] > 0 and rep["opset"] == 21
     assert s["file_bytes"] == s["file_bytes_int4_storage"] < s["file_bytes_int8_storage"]
-    assert rep["parity"]["passed"] and rep["opset"] == 21
+    k = rep["ort_integer_kernels"]["layers"]
+    assert {n for n, v in k.items() if not v["integer"]} >= {n for n, b in pol.layers.items() if b.weight_bits <= 4}
+    p, c, _ = make_checkpoint(tmp_path, "tinynet", 4, 4, "ort")
+    with pytest.raises(UnsupportedTargetError, match="--int4-storage is not for ort: .*INT4 weights.*float Conv"):
+        run_export(ExportConfig(str(p), str(c), out_dir=str(tmp_path / "o"), int4_storage=True))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_layer_on_a_float_kernel_fails_the_ort_export_unless_warned(tmp_path):
+    pol = uniform_policy("tinyresnet", 8, 8, "ort")
+    pol.deploy = {"residual_quant": False}  # no Q after the convs that feed the Adds: they cannot fuse
+    p, c, _ = make_checkpoint(tmp_path, policy=pol)
+    cfg = ExportConfig(str(p), str(c), out_dir=str(tmp_path / "o"), parity=ParityConfig(images=32))
+    with pytest.raises(ExportError, match=r"run on float ONNX Runtime kernels: .*layer1\.0\.conv2 \(.*--warn-float"):
+        run_export(cfg, loader=random_loader((1, 28, 28), 32))
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["status"] == "float_kernels" and "layer1.0.conv2" in rep["ort_integer_kernels"]["not_integer"]
+    rep = run_export(ExportConfig(**{**cfg.__dict__, "float_kernels": "warn"}), force=True,
+                     loader=random_loader((1, 28, 28), 32))
+    assert rep["status"] == "ok" and not rep["parity"]["steps_checked"] and rep["parity"]["passed"]
 
 
 def test_static_tensorrt_check(exports):
@@ -159,6 +248,15 @@ def test_static_tensorrt_check(exports):
     assert any("axis 0" in p for p in problems) and any("non-zero zero point" in p for p in problems)
     bad.opset_import[0].version = 21
     assert any("opset 21" in p for p in check_tensorrt(bad))
+
+
+def test_tensorrt_residual_adds_get_signed_int8_inputs(exports):
+    rep, proto, _ = exports["trt_w5a7_resnet"]
+    roles = [(q["role"], q["signed"]) for q in rep["deploy_quantizers"]]
+    assert roles and all(r == ("add_input", True) for r in roles)
+    for add in [n for n in proto.graph.node if n.op_type == "Add" and n.name.startswith("add")]:
+        srcs = [_producer(proto, i).op_type for i in add.input]
+        assert "DequantizeLinear" in srcs  # the residual input quantized; a conv output may stay (fused epilogue)
 
 
 def test_fp16_float_layers_variant(tmp_path):
@@ -183,18 +281,54 @@ def test_unsigned_8bit_activation_refused_on_tensorrt(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_integer_kernel_report_lists_unfused_layers(exports):
-    _, proto, _ = exports["sim_w3a5"]
+def test_integer_kernel_report_lists_every_conv_and_gemm(exports):
+    _, proto, _ = exports["trt_w4a6_dw"]  # a TensorRT graph: ORT keeps most of it in float
     k = integer_kernels(proto.SerializeToString())
-    assert k["total"] == 4 and set(k["not_integer"]) <= {"conv1", "conv2", "conv3", "fc"}
+    assert set(k["layers"]) == {"conv1", "dw", "pw", "fc"} and k["total"] == 4
+    assert set(k["not_integer"]) <= {"conv1", "dw", "pw", "fc"} and k["not_integer"]
+    assert all({"op", "quantized", "kernel", "integer"} <= set(v) for v in k["layers"].values())
 
 
 def test_parity_off_tolerance_keeps_the_files(tmp_path):
-    from asga_deploy.errors import ExportError
-
     p, c, _ = make_checkpoint(tmp_path, "tinynet", 8, 8, "ort")
     cfg = ExportConfig(str(p), str(c), out_dir=str(tmp_path / "o"), parity=ParityConfig(images=32, min_agreement=1.01))
     with pytest.raises(ExportError, match="parity off tolerance.*kept for inspection"):
         run_export(cfg, loader=random_loader((1, 28, 28), 32))
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["status"] == "parity_failed" and (tmp_path / "o" / "model.qdq.onnx").is_file()
+
+
+def test_every_target_runs_in_polygraphy_as_an_outside_consumer(exports, tmp_path):
+    """`polygraphy run --onnxrt` (default session options): an `ort` model gives our session's logits bit for bit
+    on every x86 CPU; an ort-w8 model (which needs session.x64quantprecision) only where the CPU has VNNI."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from asga_deploy.export.ort import cpu_isa, session
+
+    exe = shutil.which("polygraphy") or str(Path(sys.executable).with_name("polygraphy"))
+    if not Path(exe).is_file():
+        pytest.skip("polygraphy is not installed (pip install 'asga-deploy[dev]')")
+    cases = ["ort_w8a8_resnet", "ortw8_w8a8", "trt_w4a6_dw", "sim_w4a4_int4"]
+    procs = {}
+    for case in cases:  # in parallel: each is mostly interpreter start-up
+        out = tmp_path / case
+        out.mkdir()
+        cmd = [exe, "run", exports[case][0]["onnx"], "--onnxrt", "--input-shapes", "input:[8,1,28,28]", "--seed", "1",
+               "--val-range", "input:[-2,2]", "--save-inputs", str(out / "in.json"), "--save-outputs",
+               str(out / "out.json")]
+        procs[case] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    for case, proc in procs.items():
+        log = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0 and "PASSED" in log, log[-2000:]
+        feed = load_json(str(tmp_path / case / "in.json"))[0]
+        theirs = next(iter(RunResults.load(str(tmp_path / case / "out.json")).values()))[0]["logits"]
+        ours = session(exports[case][0]["onnx"]).run(None, dict(feed))[0]  # with the model's recorded entries
+        assert theirs.shape == ours.shape == (8, 10)
+        if case == "ort_w8a8_resnet" or (case == "ortw8_w8a8" and cpu_isa()["vnni"]):
+            assert np.array_equal(theirs, ours), case

@@ -67,7 +67,8 @@ def test_export_then_profile(tmp_path):
     assert [b["batch"] for b in lat["batches"]] == [1, 4]
     assert {"p50_ms", "p90_ms", "p99_ms", "throughput_ips"} <= set(lat["batches"][0])
     assert lat["integer_kernels"]["total"] == 7 and lat["machine"]["cores"] and lat["versions"]["onnxruntime"]
-    assert lat["integer_kernels"]["policy_layers_not_integer"] == ["fc"]
+    assert lat["integer_kernels"]["policy_layers_not_integer"] == []  # the classifier too: QGemm
+    assert lat["isa"]["kind"] and lat["machine"]["isa"] == lat["isa"] and rep["isa"] == lat["isa"]
 
 
 def test_checkpoint_of_another_policy_is_refused(tmp_path):
@@ -75,7 +76,7 @@ def test_checkpoint_of_another_policy_is_refused(tmp_path):
     other = Policy.load(p)
     other.layers["conv2"] = LayerBits(4, 8, False)
     op = other.save(tmp_path / "other.json")
-    _one_line_error(_run("export", op, "--checkpoint", c, "--out", tmp_path / "o"), "conv2 (W8A8 vs W4A8)")
+    _one_line_error(_run("export", op, "--checkpoint", c, "--out", tmp_path / "o"), "conv2 (W7A8 vs W4A8)")  # ort: 7-bit weights
     assert not (tmp_path / "o").exists()
 
 
@@ -94,6 +95,21 @@ def test_unhandled_layer_type_is_named(tmp_path):
     p, c, _ = make_checkpoint(tmp_path, policy=pol)
     _one_line_error(_run("export", p, "--checkpoint", c, "--out", tmp_path / "o"), "gn (GroupNorm)")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_float_kernel_fails_the_export_in_one_line_unless_warned(tmp_path, one_error_line):
+    from asga_deploy.policy import uniform_policy
+
+    pol = uniform_policy("tinyresnet", 8, 8, "ort")
+    pol.deploy = {"residual_quant": False}  # no Q after the convs that feed the residual Adds
+    p, c, _ = make_checkpoint(tmp_path, policy=pol)
+    args = ("export", p, "--checkpoint", c, "--out", tmp_path / "o", "--parity-images", 32)
+    err = one_error_line(_run(*args), after_progress=True)
+    assert all(n in err for n in ("float ONNX Runtime kernels", "layer1.0.conv2", "--warn-float-kernels")), err
+    res = _run(*args, "--force", "--warn-float-kernels")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["status"] == "ok" and "layer1.0.conv2" in rep["ort_integer_kernels"]["not_integer"]
 
 
 def test_trt_without_tensorrt_fails_cleanly(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from asga_deploy.io import atomic_torch_save, provenance
 from asga_deploy.models import create_model
-from asga_deploy.policy import Policy, uniform_policy
+from asga_deploy.policy import LayerBits, Policy, uniform_policy
 from asga_deploy.quant import apply_policy, calibrate
 
 FAKE = "fake:classes=10,size=28,chans=1,train=32,test=64,seed=0"
@@ -21,7 +21,7 @@ def make_checkpoint(tmp: Path, model_name: str = "tinynet", w: int = 8, a: int =
     """Write <tmp>/<stem>.json and a finetuned.pt (random weights, calibrated on random data)."""
     torch.manual_seed(seed)
     pol = policy or uniform_policy(model_name, w, a, target)
-    stem = f"{model_name}-w{w}a{a}-{pol.target}"
+    stem = f"{pol.model}-w{w}a{a}-{pol.target}"
     ppath = pol.save(tmp / f"{stem}.json", force=True)
     chans, size = pol.cost["input_shape"][0], pol.cost["input_shape"][-1]
     model = create_model(pol.model, num_classes=10, in_chans=chans)
@@ -41,6 +41,18 @@ def make_checkpoint(tmp: Path, model_name: str = "tinynet", w: int = 8, a: int =
             "provenance": json.loads(json.dumps(provenance(command="test"), default=str))}
     cpath = atomic_torch_save(ckpt, tmp / stem / "finetuned.pt")
     return ppath, cpath, pol
+
+
+MIXED = ((4, 2), (3, 3), (5, 4), (2, 5), (6, 6), (4, 6))  # (w, a) cycled over the searched layers
+
+
+def mixed_policy(model_name: str, target: str = "ort") -> Policy:
+    """Return a mixed policy: the searched layers cycle through W2..6 and A2..6, the edges at the target's best."""
+    pol = uniform_policy(model_name, 8, 8, target)
+    for i, n in enumerate(n for n in list(pol.layers) if n not in pol.cost["excluded"]):
+        w, a = MIXED[i % len(MIXED)]
+        pol.layers[n] = LayerBits(w, a, pol.layers[n].act_signed)
+    return pol
 
 
 def random_loader(shape, n: int = 64, batch: int = 32, seed: int = 0):

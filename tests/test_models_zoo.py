@@ -155,12 +155,13 @@ def test_supernet_one_hot_equals_fixed_policy_model(name):
 def _mixed_policy(name: str, target: str, chans: int, size: int):
     """A policy with a different (w, a) per searched layer, cycling through 2..8 bits."""
     from asga_deploy.policy import LayerBits, Policy
+    from asga_deploy.targets import get_target
 
     base = uniform_policy(name, 8, 8, target, in_chans=chans, input_size=size)
     layers = dict(base.layers)
     pairs = [(2, 8), (4, 4), (8, 3), (3, 6), (6, 2), (5, 8), (8, 5)]
     for i, n in enumerate(n for n in layers if n not in edge_layers(create_model(name, 10, chans))):
-        w, a = pairs[i % len(pairs)]
+        w, a = get_target(target).clamp_bits(*pairs[i % len(pairs)], layers[n].act_signed)  # ort: 7-bit weights
         layers[n] = LayerBits(w, a, layers[n].act_signed)
     return Policy(name, target, layers, list(base.float_layers), cost=dict(base.cost), provenance={})
 

@@ -101,3 +101,28 @@ def test_folding_commutes_with_weight_quantization():
     conv.weight.data.mul_(c)
     conv.weight_quantizer.scale.data.mul_(c.flatten().abs())
     assert torch.allclose(conv.quantized_weight(), c * qw, atol=1e-6)
+
+
+def test_onnx_mode_divides_by_the_step_as_quantizelinear_does():
+    """torch's fake_quantize ops multiply by 1/s: near a rounding tie they disagree with QuantizeLinear (x / s)."""
+    q = FakeQuantizer(8, signed=False)
+    q.scale.data.fill_(0.3)
+    x = (torch.arange(0, 256, dtype=torch.float32) + 0.5) * torch.tensor(0.3)  # every value next to a tie
+    x = torch.cat([x, torch.nextafter(x, x + 1), torch.nextafter(x, x - 1)])
+    s = q.step().detach()
+    expected = torch.clamp(torch.round(x / s), 0, 255) * s
+    q.eval()
+    assert torch.equal(q(x), expected)  # the training forward
+    q.onnx_mode = True
+    assert torch.equal(q(x), expected)  # the export reference: the same function
+    old = torch.fake_quantize_per_tensor_affine(x, float(s), 0, 0, 255)
+    assert not torch.equal(old, expected)  # what the reference computed before
+
+
+def test_onnx_mode_weights_per_channel_match_the_exported_codes():
+    torch.manual_seed(0)
+    q = FakeQuantizer(5, signed=True, narrow=True, channels=4)
+    w = torch.randn(4, 3, 3, 3)
+    q.init_mse(w)
+    q.onnx_mode = True
+    assert torch.equal(q(w), q.integer(w).float() * q.step().detach().view(-1, 1, 1, 1))

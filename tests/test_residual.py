@@ -54,10 +54,28 @@ def test_state_dict_keys_of_existing_modules_unchanged():
     assert all(k.startswith("deploy_quant.") for k in new - old)
 
 
-def test_sim_and_tensorrt_targets_get_none():
-    for target in ("sim", "tensorrt"):
-        model, pol, _, recs = _quantized("tinyresnet", target, 8, 7)
-        assert not deploy_quantizers(model) and recs == [] and "quantizers" not in pol.deploy
+def test_sim_gets_none_and_a_policy_can_switch_them_off():
+    model, pol, _, recs = _quantized("tinyresnet", "sim", 8, 7)
+    assert not deploy_quantizers(model) and recs == [] and "quantizers" not in pol.deploy
+    pol = uniform_policy("tinyresnet", 8, 7, "tensorrt")
+    pol.deploy = {"residual_quant": False}
+    model = create_model("tinyresnet", 10, 1)
+    assert apply_policy(model, pol) == [] and not deploy_quantizers(model)
+
+
+def test_tensorrt_quantizes_the_residual_input_of_each_add_signed():
+    """NVIDIA's QAT rule: a Q/DQ on the residual branch, none on the conv output the Add fuses into."""
+    model, pol, _, recs = _quantized("tinyresnet", "tensorrt", 8, 7)
+    assert [(r["role"], r["before"], r["signed"]) for r in recs] == [("add_input", "add", True),
+                                                                     ("add_input", "add_1", True)]
+    # block 0: identity (after the stem's ReLU); block 1: both inputs are conv outputs, the projection is quantized
+    assert [r["after"] for r in recs] == ["relu", "layer1.1.downsample.1"]
+    assert all(q.signed and q.bits == 8 for q in deploy_quantizers(model).values())
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    calibrate(model, [x])
+    with torch.no_grad():
+        assert model.eval()(x).shape == (4, 10)
 
 
 def test_quantizers_are_in_the_forward_calibrated_and_fold_bn_works():

@@ -41,6 +41,10 @@ def export(
     trt_max_batch: int = typer.Option(64, min=1, help="largest batch of the engine's optimization profile"),
     trt_strongly_typed: bool = typer.Option(False, "--trt-strongly-typed",
                                             help="TensorRT 10: strongly typed network (11 always is)"),
+    warn_float_kernels: bool = typer.Option(False, "--warn-float-kernels",
+                                            help="ort: export even if a quantized layer runs on a float kernel"),
+    trt_warn_precision: bool = typer.Option(False, "--trt-warn-precision",
+                                            help="TensorRT: report layers not in their policy precision, do not fail"),
     force: bool = typer.Option(False, help="overwrite existing outputs"),
 ):
     """Export POLICY's fine-tuned model as exact ONNX QDQ; writes model.qdq.onnx and report.json."""
@@ -54,7 +58,9 @@ def export(
                        data_dir=str(data_dir) if data_dir else None,
                        parity=ParityConfig(parity_images, 100, min_agreement, max_accuracy_diff, threads),
                        trt=trt, trt_config=TrtConfig(max_batch=trt_max_batch, opt_batch=min(8, trt_max_batch),
-                                            strongly_typed=trt_strongly_typed))
+                                            strongly_typed=trt_strongly_typed,
+                                            precision_check="warn" if trt_warn_precision else "fail"),
+                       float_kernels="warn" if warn_float_kernels else "fail")
     progress = RichProgress()
     try:
         r = run_export(cfg, force=force, callback=progress)
@@ -65,7 +71,8 @@ def export(
                      f" MB, INT4 storage {s['file_bytes_int4_storage'] / 1e6:.3f} MB)"),
             ("report", r["report"]),
             ("parity", f"top-1 agreement {p['top1_agreement']:.4f} on {p['images']} images; "
-                       f"max |dlogit| {p['max_abs_logit_diff']:.3g}, median {p['median_abs_logit_diff']:.3g}")]
+                       f"max |dlogit| {p['max_abs_logit_diff']:.3g} ({p['max_output_steps']} logit steps), "
+                       f"median {p['median_abs_logit_diff']:.3g}; CPU {p['isa']['kind']}")]
     if "torch_top1" in p:
         rows.append(("accuracy", f"torch {p['torch_top1']:.4f}, onnx {p['onnx_top1']:.4f}"))
     if "ort_integer_kernels" in r:

@@ -7,6 +7,8 @@ import json
 
 from ..errors import ExportError, require
 from ..policy import Policy
+from ..quant.residual import is_add, trace_model
+from .units import is_global_pool
 
 
 def consumers(graph, name: str) -> list:
@@ -40,6 +42,27 @@ def name_layers(proto, layers: dict, policy: Policy) -> None:
     for name in policy.float_layers:
         for c in consumers(g, f"{name}.weight"):
             c.name = name
+
+
+def name_ops(proto, model) -> dict[str, list[str]]:
+    """Rename the two-tensor Add and the GlobalAveragePool nodes to the model's fx add nodes and pooling modules
+    (both in execution order) so that the kernel report names them; return the names given."""
+    graph = trace_model(model)
+    if graph is None:
+        return {}
+    adds = [n.name for n in graph.nodes if is_add(n)]
+    pools = [str(n.target) for n in graph.nodes if n.op == "call_module" and is_global_pool(model, n)]
+    g = proto.graph
+    consts = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    onnx_adds = [n for n in g.node if n.op_type == "Add" and len(n.input) == 2 and not set(n.input) & consts]
+    onnx_pools = [n for n in g.node if n.op_type == "GlobalAveragePool"]
+    named = {}
+    for kind, ours, theirs in (("adds", adds, onnx_adds), ("pools", pools, onnx_pools)):
+        if len(ours) == len(theirs):  # otherwise the mapping is not certain: keep torch's names
+            for node, name in zip(theirs, ours, strict=True):
+                node.name = name
+            named[kind] = ours
+    return named
 
 
 def int4_weights(proto, bits: dict[str, int]) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 
 from ..errors import AsgaError, require
 from ..io import atomic_write_json, check_writable, machine_info, provenance, versions
-from .ort import default_threads, integer_kernels, session
+from .kernels import integer_kernels
+from .ort import cpu_isa, default_threads, recorded_session_config, session
 from .timing import input_shape, percentiles, time_session
 from .trt import profile_engine
 
@@ -34,7 +35,7 @@ def profile_onnx(path: str | Path, cfg: ProfileConfig) -> dict:
     c, h, w = input_shape(sess, cfg.input_size)
     rng = np.random.default_rng(0)
     res = {"runtime": "onnxruntime", "provider": "CPUExecutionProvider", "threads": threads,
-           "input_shape": [c, h, w], "batches": []}
+           "session_config": recorded_session_config(sess), "isa": cpu_isa(), "input_shape": [c, h, w], "batches": []}
     for b in cfg.batch_sizes:
         x = rng.standard_normal((b, c, h, w)).astype(np.float32)
         res["batches"].append(percentiles(time_session(sess, x, cfg.warmup, cfg.iters), b))
@@ -75,10 +76,10 @@ def run_profile(model: str | Path, cfg: ProfileConfig, out: str | Path | None = 
         sibling = model.parent / "model.qdq.onnx"  # its policy says which layers should run INT8
         pol = onnx_metadata(sibling).get("policy") if sibling.is_file() else None
         res = profile_engine(model, cfg, list(pol["layers"]) if pol else None,
-                             list(pol.get("float_layers", [])) if pol else None)
+                             list(pol.get("float_layers", [])) if pol else None, sibling)
     else:
         raise AsgaError(f"{model}: profile takes an .onnx or .engine file")
-    report = {"model": str(model), "config": asdict(cfg), **res, "machine": machine_info(),
+    report = {"model": str(model), "config": asdict(cfg), **res, "machine": {**machine_info(), "isa": cpu_isa()},
               "versions": versions(), "provenance": provenance()}
     atomic_write_json(out, report)
     report["path"] = str(out)

@@ -1,9 +1,12 @@
 """Exact lowering of a fake-quant model to ONNX QDQ (architecture.md, "Targets ... and exact lowering").
 
 Weights go in as INT8 (or INT4) initializers already on their b-bit grid, per output channel (axis 0),
-zero point 0, feeding DequantizeLinear; activations are per-tensor Q/DQ with the training scale and a
-float Clip in front below 8 bits (torch's fake_quantize export path). Conv/Gemm nodes are renamed to
-their module names so that ORT's optimized graph and TensorRT's layer names map back to the policy.
+zero point 0, feeding DequantizeLinear; biases of quantized layers (ONNX Runtime targets) as INT32 codes
+on the accumulator grid s_x s_w behind a DequantizeLinear (a Gemm becomes QGemm only so); activations
+are per-tensor Q/DQ with the training scale and a float Clip in front below 8 bits, after a plain 8-bit
+Q/DQ pair where the producer is a conv or pooling (units.mark_requant). Conv/Gemm nodes are renamed to
+their module names, residual Adds and global poolings to theirs, so that ORT's optimized graph and
+TensorRT's layer names map back to the policy.
 """
 
 from __future__ import annotations
@@ -27,7 +30,16 @@ from ..quant import QuantConv2d, QuantLinear
 from ..quant.apply import fold_bn
 from ..quant.quantizers import FakeQuantizer
 from ..targets import get_target
-from .graph import fp16_variant, initializer_identities, int4_weights, name_layers, prune, size_report  # noqa: F401
+from .graph import (  # noqa: F401
+    fp16_variant,
+    initializer_identities,
+    int4_weights,
+    name_layers,
+    name_ops,
+    prune,
+    size_report,
+)
+from .units import mark_requant, quantize_pooling, relax_relu6, skip_requantization
 
 INT4_OPSET = 21
 DEFAULT_OPSET = 17  # QDQ per-channel needs >= 13; 17 is inside TensorRT's parser range and fuses in ORT
@@ -52,8 +64,10 @@ def resolve_opset(cfg: LoweringConfig) -> int:
     if opset < 13:
         raise UnsupportedTargetError(f"opset {opset} has no per-channel QDQ; use 13 or newer")
     if cfg.int4_storage and not target.int4_storage:
-        raise UnsupportedTargetError(f"--int4-storage is not for {target.name}: its convolutions take INT8 "
-                                     "weights (INT4 is weight-only for GEMM)")
+        why = ("ONNX Runtime's Conv selector rejects INT4 weights, so every <= 4-bit conv would run as a float "
+               "Conv (slower than INT8); target sim exports INT4 storage for study" if target.integer_kernels_required
+               else "its convolutions take INT8 weights (INT4 is weight-only for GEMM)")
+        raise UnsupportedTargetError(f"--int4-storage is not for {target.name}: {why}")
     if cfg.int4_storage and opset < INT4_OPSET:
         raise UnsupportedTargetError(f"--int4-storage needs opset {INT4_OPSET} or newer, got {opset}")
     target.check_opset(opset)
@@ -95,24 +109,36 @@ def check_layer_types(model: nn.Module) -> None:
                           f"(handled: {', '.join(t.__name__ for t in HANDLED)} and parameter-free torch.nn modules)")
 
 
-def prepare_model(model: nn.Module, round_bias: bool = True) -> nn.Module:
-    """Return an eval copy with BN folded and every quantizer in onnx_mode (the parity reference).
+def prepare_model(model: nn.Module, target: str = "ort", round_bias: bool = True) -> nn.Module:
+    """Return an eval copy with BN folded and every quantizer in onnx_mode (the float parity reference).
 
     round_bias puts each quantized layer's bias on its integer accumulator grid (input scale x weight
-    scale, per channel): integer kernels add an INT32 bias (ONNX Runtime quantizes a float bias so at
-    load time), so the exported function has that bias; the reference must have it too to stay exact.
+    scale, per channel) and keeps the codes (`bias_int32`): integer kernels add an INT32 bias, so the
+    exported function has that bias. For targets with quantized pooling a copy of the classifier's input
+    quantizer follows the global pooling (same grid: an exact no-op in torch); with fused requantization
+    sub-8-bit quantizers after a conv get their 8-bit Q/DQ pair (units.mark_requant).
     """
+    tgt = get_target(target)
     m = copy.deepcopy(model).cpu().eval()
     fold_bn(m)
     for q in m.modules():
         if isinstance(q, FakeQuantizer):
             q.onnx_mode = True
+            q.signed_u8 = tgt.signed_as_u8
     if round_bias:
         with torch.no_grad():
             for layer in m.modules():
                 if isinstance(layer, (QuantConv2d, QuantLinear)) and layer.bias is not None:
                     grid = (layer.input_quantizer.step().float().reshape(()) * layer.weight_quantizer.step().float())
-                    layer.bias.copy_(torch.round(layer.bias / grid).clamp(-(2**31), 2**31 - 1) * grid)
+                    codes = torch.round(layer.bias / grid).clamp(-(2**31), 2**31 - 1)
+                    layer.register_buffer("bias_int32", codes.to(torch.int32))
+                    layer.bias.copy_(codes * grid)
+    if tgt.quantized_pooling:
+        quantize_pooling(m)
+    skip_requantization(m)
+    if tgt.fused_requant:
+        relax_relu6(m)
+        mark_requant(m)
     return m
 
 
@@ -128,8 +154,20 @@ class _WeightDQ(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zp, axis_i=0)
 
 
-def _patch_weights(model: nn.Module) -> dict[str, nn.Module]:
-    """Give each quantized layer INT8 code/scale/zero-point buffers and a DQ weight path; return them."""
+class _BiasDQ(torch.autograd.Function):
+    """INT32 bias codes * (s_x s_w); exports as DequantizeLinear(INT32 initializer, scale, axis=0)."""
+
+    @staticmethod
+    def forward(ctx, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return codes.float() * scale
+
+    @staticmethod
+    def symbolic(g, codes, scale):
+        return g.op("DequantizeLinear", codes, scale, axis_i=0)
+
+
+def _patch_layers(model: nn.Module, int32_bias: bool) -> dict[str, nn.Module]:
+    """Give each quantized layer INT8 weight codes behind a DQ (and its INT32 bias behind one); return them."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
     for m in layers.values():
         wq = m.weight_quantizer
@@ -138,6 +176,10 @@ def _patch_weights(model: nn.Module) -> dict[str, nn.Module]:
         m.register_buffer("weight_zero_point", torch.zeros(m.weight.shape[0], dtype=torch.int8))
         m.quantized_weight = (lambda mod=m: _WeightDQ.apply(mod.weight_int8, mod.weight_scale,
                                                             mod.weight_zero_point))
+        if int32_bias and getattr(m, "bias_int32", None) is not None:
+            grid = m.input_quantizer.step().detach().float().reshape(()) * wq.step().detach().float()
+            m.register_buffer("bias_scale", grid)
+            m.layer_bias = (lambda mod=m: _BiasDQ.apply(mod.bias_int32, mod.bias_scale))
     return layers
 
 
@@ -157,9 +199,10 @@ def lower(model: nn.Module, policy: Policy, cfg: LoweringConfig, input_shape: tu
     opset = resolve_opset(cfg)
     if cfg.fp16_float_layers:
         raise ValueError("lower() writes the exact FP32 graph; apply fp16_variant() to it")
+    tgt = get_target(cfg.target)
     m = copy.deepcopy(model).eval()
-    layers = _patch_weights(m)
-    if get_target(cfg.target).signed_int8_only:
+    layers = _patch_layers(m, tgt.int32_bias)
+    if tgt.signed_int8_only:
         _signed_activations(m)
     buf = io.BytesIO()
     x = torch.zeros((1, *input_shape))
@@ -177,6 +220,7 @@ def lower(model: nn.Module, policy: Policy, cfg: LoweringConfig, input_shape: tu
         next(o for o in proto.opset_import if o.domain in ("", "ai.onnx")).version = opset
     initializer_identities(proto)
     name_layers(proto, layers, policy)
+    name_ops(proto, m)
     if cfg.int4_storage:
         int4_weights(proto, {n: mod.weight_quantizer.bits for n, mod in layers.items()})
     prune(proto)

@@ -1,22 +1,20 @@
-"""ONNX Runtime: sessions, torch-vs-ORT parity, accuracy of an ONNX file, integer-kernel report."""
+"""ONNX Runtime: sessions (with the session entries a model records), the CPU's ISA, accuracy of an ONNX file."""
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
+import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import data
 from ..errors import ExportError, require
 
-# ops that run on integer data in ORT's optimized graph (QDQ node units fused into integer kernels)
-INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
-               "QGemm", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearMul"}
+SESSION_CONFIG_KEY = "asga.ort_session_config"  # metadata: the ONNX Runtime session entries the model needs
 
 
 @dataclass(frozen=True)
@@ -28,12 +26,50 @@ class ParityConfig:
     min_agreement: float = 0.995
     max_accuracy_diff: float = 0.1  # percentage points
     threads: int = 0  # 0: ORT's default
+    max_output_steps: float = 1.0  # ORT vs the integer reference: largest logit difference in logit steps
+
+
+def cpu_isa() -> dict:
+    """Return the x86 features that decide ONNX Runtime's integer kernels: VNNI (exact U8S8) or not (pairs saturate)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    # MLAS uses AVX512-VNNI only with AVX512 BW/DQ/VL, and AVX-VNNI with AVX2
+    avx512_vnni = "avx512_vnni" in flags and {"avx512bw", "avx512dq", "avx512vl"} <= flags
+    vnni = avx512_vnni or "avx_vnni" in flags
+    kind = "VNNI" if vnni else ("AVX2, no VNNI" if "avx2" in flags else ("x86, no AVX2" if x86 else platform.machine()))
+    return {"kind": kind, "x86": x86, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_vnni": avx512_vnni, "avx_vnni": "avx_vnni" in flags, "vnni": vnni,
+            "u8s8_pairs_saturate": x86 and not vnni}
+
+
+def recorded_session_config(sess) -> dict[str, str]:
+    """Return the session entries a model's metadata asks for (empty for other models)."""
+    meta = sess.get_modelmeta().custom_metadata_map
+    return json.loads(meta[SESSION_CONFIG_KEY]) if SESSION_CONFIG_KEY in meta else {}
 
 
 def session(model: str | Path | bytes, threads: int = 0, optimized_path: str | Path | None = None,
-            level: str = "all"):
-    """Return a CPU InferenceSession (intra-op threads, optional optimized-graph dump)."""
+            level: str = "all", config: dict[str, str] | None = None):
+    """Return a CPU InferenceSession (intra-op threads, optimization level, optional optimized-graph dump).
+
+    config: session entries; None takes those the model's metadata records (asga.ort_session_config, e.g.
+    session.x64quantprecision for 8-bit weights), so that every session asga opens computes what was exported.
+    """
     ort = require("onnxruntime", "onnx")
+    sess = _session(ort, model, threads, optimized_path, level, config or {})
+    if config is None and (needed := recorded_session_config(sess)):
+        sess = _session(ort, model, threads, optimized_path, level, needed)
+    return sess
+
+
+def _session(ort, model, threads: int, optimized_path, level: str, config: dict[str, str]):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -45,67 +81,13 @@ def session(model: str | Path | bytes, threads: int = 0, optimized_path: str | P
                                    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+    for k, v in config.items():
+        so.add_session_config_entry(k, v)
     src = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ExportError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}") from None
-
-
-def _batches(loader: Iterable, limit: int) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
-    seen = 0
-    for b in loader:
-        x, y = (b[0], b[1]) if isinstance(b, (tuple, list)) else (b, None)
-        if seen >= limit:
-            break
-        take = min(len(x), limit - seen)
-        seen += take
-        yield x[:take], (None if y is None else torch.as_tensor(y)[:take])
-
-
-@torch.no_grad()
-def parity(model: torch.nn.Module, onnx_model: str | Path | bytes, loader: Iterable,
-           cfg: ParityConfig = ParityConfig(), unrounded: torch.nn.Module | None = None) -> dict:
-    """Return torch fake-quant vs ONNX Runtime agreement, accuracies and logit differences on real data.
-
-    `unrounded` (optional): the same model with its float bias, for an extra agreement figure.
-    """
-    sess = session(onnx_model, cfg.threads)
-    name = sess.get_inputs()[0].name
-    model = model.eval()
-    agree = agree_u = correct_t = correct_o = count = 0
-    diffs = []
-    labelled = True
-    for x, y in _batches(loader, cfg.images):
-        xt = x.float().cpu()
-        lt = model(xt).numpy()
-        lo = sess.run(None, {name: xt.numpy()})[0]
-        pt, po = lt.argmax(1), lo.argmax(1)
-        agree += int((pt == po).sum())
-        if unrounded is not None:
-            agree_u += int((unrounded(xt).numpy().argmax(1) == po).sum())
-        if y is None:
-            labelled = False
-        else:
-            yn = y.numpy()
-            correct_t += int((pt == yn).sum())
-            correct_o += int((po == yn).sum())
-        diffs.append(np.abs(lt - lo).reshape(-1))
-        count += len(x)
-    if count == 0:
-        raise ExportError("parity: the test data yielded no images")
-    d = np.concatenate(diffs)
-    res = {"images": count, "top1_agreement": agree / count,
-           "max_abs_logit_diff": float(d.max()), "median_abs_logit_diff": float(np.median(d))}
-    if unrounded is not None:
-        res["top1_agreement_float_bias_reference"] = agree_u / count
-    if labelled:
-        res.update(torch_top1=correct_t / count, onnx_top1=correct_o / count,
-                   accuracy_diff_points=abs(100.0 * (correct_t - correct_o) / count))
-    res["passed"] = res["top1_agreement"] >= cfg.min_agreement and res.get("accuracy_diff_points", 0.0) <= \
-        cfg.max_accuracy_diff
-    res["tolerance"] = {"min_agreement": cfg.min_agreement, "max_accuracy_diff_points": cfg.max_accuracy_diff}
-    return res
 
 
 def test_loader(dataset: str, in_chans: int, input_size: int, images: int | None = None,
@@ -139,58 +121,6 @@ def evaluate_onnx(path: str | Path, loader: Iterable | None = None, threads: int
         correct += int((out.argmax(1) == torch.as_tensor(y).numpy()).sum())
         count += len(x)
     return {"top1": correct / count if count else 0.0, "count": count}
-
-
-def quantized_weights(proto) -> dict[str, str]:
-    """Return {layer (Conv/Gemm/MatMul node name): weight initializer} for weights that feed a DequantizeLinear."""
-    inits = {i.name: len(i.dims) for i in proto.graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    out = {}
-    for n in proto.graph.node:
-        if n.op_type == "DequantizeLinear" and inits.get(n.input[0], 0) >= 2:
-            for c in consumers.get(n.output[0], []):
-                if c.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
-                    out[c.name or n.input[0]] = n.input[0]
-    return out
-
-
-def integer_kernels(path: str | Path | bytes, threads: int = 0, keep_optimized: str | Path | None = None) -> dict:
-    """Return which quantized layers became integer kernels in ORT's optimized graph (plan vs runtime).
-
-    The plan: every Conv/Gemm whose weight is an integer initializer behind a DequantizeLinear. The
-    runtime: the node that consumes that initializer in the optimized graph (directly, or through a
-    DequantizeLinear when the unit was not fused).
-    """
-    onnx = require("onnx", "onnx")
-    proto = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
-    plan = quantized_weights(proto)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(keep_optimized) if keep_optimized else Path(tmp) / "optimized.onnx"
-        session(path, threads, optimized_path=out)
-        opt = onnx.load(str(out), load_external_data=False)
-    consumers: dict[str, list] = {}
-    for n in opt.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    layers = {}
-    for layer, weight in plan.items():
-        ops = []
-        for n in consumers.get(weight, []):
-            if n.op_type == "DequantizeLinear":
-                ops += [c.op_type for c in consumers.get(n.output[0], [])]
-            else:
-                ops.append(n.op_type)
-        integer = bool(ops) and all(op in INTEGER_OPS for op in ops)
-        layers[layer] = {"kernel": "+".join(sorted(set(ops))) or "absent", "integer": integer}
-    ops_count: dict[str, int] = {}
-    for n in opt.graph.node:
-        ops_count[n.op_type] = ops_count.get(n.op_type, 0) + 1
-    not_int = [n for n, v in layers.items() if not v["integer"]]
-    return {"layers": layers, "integer": len(layers) - len(not_int), "total": len(layers),
-            "not_integer": not_int, "optimized_ops": dict(sorted(ops_count.items()))}
 
 
 def default_threads() -> int:

@@ -19,7 +19,10 @@ from ..progress import Callback, ProgressEvent, emit
 from ..targets import get_target
 from . import onnx_qdq as lq
 from .check import check_tensorrt
-from .ort import ParityConfig, integer_kernels, parity, test_loader
+from .kernels import integer_kernels, saturating_layers
+from .ort import SESSION_CONFIG_KEY, ParityConfig, cpu_isa, test_loader
+from .parity import parity
+from .reference import integer_reference
 from .trt import (
     Runner,
     TrtConfig,
@@ -29,6 +32,7 @@ from .trt import (
     profile_engine,
     require_tensorrt,
 )
+from .units import find_units
 
 ONNX_NAME, REPORT_NAME = "model.qdq.onnx", "report.json"
 
@@ -49,6 +53,7 @@ class ExportConfig:
     parity: ParityConfig = field(default_factory=ParityConfig)
     trt: bool = False
     trt_config: TrtConfig = field(default_factory=TrtConfig)
+    float_kernels: str = "fail"  # a policy layer on a float ORT kernel: "fail" the export or "warn" (report it)
 
 
 def _outputs(cfg: ExportConfig) -> Path:
@@ -74,12 +79,22 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
     lq.check_representable(model, policy, target)
     size = int(ckpt.get("input_size") or policy.cost.get("input_shape", [0, 0, 0])[-1])
     input_shape = (int(ckpt["in_chans"]), size, size)
+    if loader is None:  # the test data is read before anything is written: a bad dataset leaves no file
+        dataset = cfg.dataset or ckpt.get("dataset")
+        if not dataset:
+            raise CheckpointError(f"{cfg.checkpoint} does not record its dataset; pass --dataset")
+        loader = test_loader(dataset, input_shape[0], input_shape[1], cfg.parity.images, cfg.data_dir,
+                             cfg.parity.batch_size)
     emit(callback, ProgressEvent("info", "export", message=f"lowering {policy.model} for {target} (opset {opset})"))
-    ref = lq.prepare_model(model)
+    ref = lq.prepare_model(model, target)
+    saturating = saturating_layers(ref)
+    session_config = tgt.session_config(bool(saturating))
     recorded = {**trained.to_dict(), "deploy": {"quantizers": deploy}}  # the trained structure, with its target
     meta = {"asga.policy": json.dumps(recorded), "asga.target": target,
             "asga.provenance": json.dumps(provenance(checkpoint=str(cfg.checkpoint), policy_file=str(cfg.policy))),
             "asga.checkpoint_provenance": json.dumps(ckpt.get("provenance", {}), default=str)}
+    if session_config:
+        meta[SESSION_CONFIG_KEY] = json.dumps(session_config)
     proto, _ = lq.lower(ref, policy, lq.LoweringConfig(target, opset, cfg.int4_storage, False), input_shape, meta)
     exact = proto.SerializeToString()
     problems = check_tensorrt(proto) if tgt.static_check else []
@@ -93,50 +108,79 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
     report = {"config": asdict(cfg), "target": target, "opset": opset, "onnx": str(onnx_path),
               "policy": recorded, "deploy_quantizers": deploy,
               "sizes": lq.size_report(proto, data, {n: b.weight_bits for n, b in policy.layers.items()}),
-              "machine": machine_info(), "versions": versions(), "provenance": provenance()}
+              "isa": cpu_isa(), "ort_session_config": session_config,
+              "u8s8_saturating_layers": saturating, "machine": machine_info(), "versions": versions(),
+              "provenance": provenance()}
     if tgt.static_check:
         report["tensorrt_static_check"] = {"problems": problems, "passed": not problems}
+    float_units: set[str] = set()
+    if tgt.integer_kernel_report:
+        k = report["ort_integer_kernels"] = integer_kernels(exact, cfg.parity.threads)
+        float_units = set(k["not_integer"]) | set(k["ops_not_integer"])
+        off = [n for n in k["not_integer"] if n in policy.layers] + k["ops_not_integer"]
+        if off and tgt.integer_kernels_required and cfg.float_kernels != "warn":
+            report["status"] = "float_kernels"
+            atomic_write_json(report_path, report)
+            raise ExportError(f"{len(off)} quantized op(s) run on float ONNX Runtime kernels: "
+                              + ", ".join(f"{n} ({k['layers'].get(n, k['ops'].get(n, {})).get('kernel')})" for n in off)
+                              + f"; see {report_path} (ort_integer_kernels); --warn-float-kernels exports anyway")
     emit(callback, ProgressEvent("info", "export", message=f"parity on {cfg.parity.images} test images"))
-    if loader is None:
-        dataset = cfg.dataset or ckpt.get("dataset")
-        if not dataset:
-            raise CheckpointError(f"{cfg.checkpoint} does not record its dataset; pass --dataset")
-        loader = test_loader(dataset, input_shape[0], input_shape[1], cfg.parity.images, cfg.data_dir,
-                             cfg.parity.batch_size)
+    units = find_units(ref)
+    if units is None or not tgt.integer_kernel_report:  # no kernel report: ORT's integer units are unknown
+        int_ref, step, all_integer = ref, None, False
+    else:
+        int_ref = integer_reference(ref, units, float_units)
+        step = logit_step(ref, units, float_units)
+        all_integer = not float_units
     t0 = time.perf_counter()
-    report["parity"] = parity(ref, exact, loader, cfg.parity, unrounded=lq.prepare_model(model, round_bias=False))
-    report["parity"]["reference"] = ("torch fake-quant (onnx_mode), BN folded, bias on the INT32 accumulator "
-                                     "grid (input scale x weight scale) as integer kernels add it")
+    report["parity"] = parity(ref, int_ref, exact, loader, cfg.parity, step, all_integer)
     report["parity"]["graph"] = "fp32 twin of the FP16 file" if cfg.fp16_float_layers else "the written file"
     report["parity"]["time_s"] = time.perf_counter() - t0
-    if tgt.integer_kernel_report:
-        report["ort_integer_kernels"] = integer_kernels(data, cfg.parity.threads)
     if not report["parity"]["passed"]:
         report["status"] = "parity_failed"
         atomic_write_json(report_path, report)
         p = report["parity"]
-        raise ExportError(f"parity off tolerance: top-1 agreement {p['top1_agreement']:.4f} "
-                          f"(min {cfg.parity.min_agreement}), accuracy difference "
+        raise ExportError(f"parity off tolerance: top-1 agreement {p['top1_agreement']:.4f} with the integer "
+                          f"reference and {p['comparisons']['ort_vs_fake_quant']['top1_agreement']:.4f} with the "
+                          f"fake-quant model (min {cfg.parity.min_agreement}), logits up to {p['max_output_steps']} "
+                          f"steps off (max {cfg.parity.max_output_steps}), accuracy difference "
                           f"{p.get('accuracy_diff_points', float('nan')):.3f} points (max {cfg.parity.max_accuracy_diff}); "
                           f"{onnx_path} and {report_path} kept for inspection")
     report["status"] = "ok"
     if cfg.trt:
-        report["tensorrt"] = _tensorrt(onnx_path, out, cfg, policy, loader)
+        t = report["tensorrt"] = _tensorrt(onnx_path, out, cfg, policy, loader)
+        problems = (t["precision_check"] or {}).get("problems", [])
+        if problems and cfg.trt_config.precision_check != "warn":
+            report["status"] = "precision_mismatch"
+            atomic_write_json(report_path, report)
+            raise ExportError(f"TensorRT runs {len(problems)} layer(s) outside their policy precision: "
+                              + "; ".join(problems[:6]) + f" (see {report_path}; --trt-warn-precision exports anyway)")
     atomic_write_json(report_path, report)
     report["report"] = str(report_path)
     return report
 
 
+def logit_step(ref: torch.nn.Module, units, float_units: set[str]):
+    """Return the logit step s_x s_w[c] of an integer (QGemm) classifier, or None when the logits are float."""
+    heads = [n for n, out in units.layers.items() if out is None and n not in float_units]
+    if len(heads) != 1:
+        return None
+    m = ref.get_submodule(heads[0])
+    return (m.input_quantizer.step().detach().float().reshape(()) * m.weight_quantizer.step().detach().float()).numpy()
+
+
 def _tensorrt(onnx_path: Path, out: Path, cfg: ExportConfig, policy: Policy, loader: Iterable) -> dict:
-    """Build model.engine, time it, check layer precisions against the policy, compare with ORT."""
+    """Build model.engine, time it, check layer precisions against the policy (fail unless told to warn),
+    compare with ORT."""
     built = build_engine(onnx_path, out, cfg.trt_config)
-    prof = profile_engine(built["engine"], cfg.trt_config, list(policy.layers), list(policy.float_layers))
+    prof = profile_engine(built["engine"], cfg.trt_config, list(policy.layers), list(policy.float_layers), onnx_path)
     trt, engine = load_engine(built["engine"])
     images = torch.cat([(b[0] if isinstance(b, (tuple, list)) else b) for b in loader])[:cfg.parity.images]
     cmp = compare_with_ort(Runner(trt, engine), onnx_path, images)
-    latency = {"model": built["engine"], **prof, "machine": machine_info(), "versions": versions(),
-               "provenance": provenance()}
+    latency = {"model": built["engine"], **prof, "machine": {**machine_info(), "isa": cpu_isa()},
+               "versions": versions(), "provenance": provenance()}
     atomic_write_json(out / "latency.json", latency)
-    return {"build": built, "latency": str(out / "latency.json"), "ort_vs_trt": cmp,
-            "precision_check": prof.get("precision_check"),
-            "p50_ms": {r["batch"]: r.get("p50_ms") for r in prof["batches"]}}
+    check = prof.get("precision_check") or {}
+    res = {"build": built, "latency": str(out / "latency.json"), "ort_vs_trt": cmp, "precision_check": check,
+           "p50_ms": {r["batch"]: r.get("p50_ms") for r in prof["batches"]}}
+    return res

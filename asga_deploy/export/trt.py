@@ -8,8 +8,8 @@ layers are FP16 only when the graph says so (`asga export --fp16`). Buffers are 
 from __future__ import annotations
 
 import json
-import re
 import time
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from ..errors import ExportError, MissingDependencyError, require
 from ..io import atomic_write_bytes, atomic_write_text
 from .ort import session
 from .timing import percentiles
+from .trt_check import check_precisions, expectations, onnx_names, per_policy_layer, split_name
 
 _KEEP: list = []
 INSTALL_HINT = ("pip install 'asga-deploy[trt]' on a machine with an NVIDIA GPU and driver, or run the "
@@ -40,6 +41,9 @@ class TrtConfig:
     iters: int = 500
     layer_iters: int = 50
     batch_sizes: tuple[int, ...] = (1, 8, 32)
+    precision_check: str = "fail"  # a layer not in its policy precision: "fail" the export or "warn"
+    log_lines: int = 200  # build log lines kept in memory (all INFO and above go to trt_build.log)
+    verbose: bool = False  # also log TensorRT's VERBOSE messages (to the file)
 
 
 def require_tensorrt():
@@ -61,14 +65,31 @@ def trt_major(trt) -> int:
     return int(trt.__version__.split(".")[0])
 
 
-def _logger(trt):
+def _logger(trt, path: str | Path | None = None, keep: int = 200, verbose: bool = False):
+    """Return a TensorRT logger that streams INFO and above (VERBOSE too if asked) to a file, keeps only the last
+    `keep` lines in memory and counts every severity (a build logs hundreds of thousands of VERBOSE lines)."""
+
     class _Log(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
-            self.lines: list[str] = []
+            self.lines: deque[str] = deque(maxlen=keep)
+            self.counts: Counter = Counter()
+            self.file = open(path, "w") if path is not None else None  # noqa: SIM115 (closed by close())
 
         def log(self, severity, msg):
-            self.lines.append(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")
+            level = str(severity).rsplit(".", 1)[-1]
+            self.counts[level] += 1
+            if level == "VERBOSE" and not verbose:
+                return
+            line = f"[{level}] {msg}"
+            self.lines.append(line)
+            if self.file is not None:
+                self.file.write(line + "\n")
+
+        def close(self):
+            if self.file is not None:
+                self.file.close()
+                self.file = None
 
     return _Log()
 
@@ -78,7 +99,14 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, cfg: TrtConfig = Tr
     trt = require_tensorrt()
     out_dir = Path(out_dir)
     major = trt_major(trt)
-    log = _logger(trt)
+    log = _logger(trt, out_dir / "trt_build.log", cfg.log_lines, cfg.verbose)
+    try:
+        return _build(trt, major, log, onnx_path, out_dir, cfg)
+    finally:
+        log.close()
+
+
+def _build(trt, major: int, log, onnx_path, out_dir: Path, cfg: TrtConfig) -> dict:
     builder = trt.Builder(log)
     strongly = major >= 11 or cfg.strongly_typed
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if (major < 11 and strongly) else 0
@@ -86,7 +114,6 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, cfg: TrtConfig = Tr
     parser = trt.OnnxParser(network, log)
     if not parser.parse(Path(onnx_path).read_bytes()):
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        atomic_write_text(out_dir / "trt_build.log", "\n".join(log.lines) + "\n")
         raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path}: {errs[:500]}")
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
@@ -108,7 +135,6 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, cfg: TrtConfig = Tr
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     build_s = time.perf_counter() - t0
-    atomic_write_text(out_dir / "trt_build.log", "\n".join(log.lines) + "\n")
     if plan is None:
         errors = [x for x in log.lines if x.startswith(("[ERROR]", "[INTERNAL_ERROR]"))][-5:]
         raise ExportError(f"TensorRT engine build failed: {' | '.join(errors)[:500]} (log: {out_dir / 'trt_build.log'})")
@@ -116,13 +142,13 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, cfg: TrtConfig = Tr
     atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return {"engine": str(engine_path), "tensorrt": trt.__version__, "strongly_typed": strongly,
             "fp16_flag": (not strongly) and cfg.fp16, "build_s": build_s, "timing_cache": str(cache_path),
-            "build_log": str(out_dir / "trt_build.log"), "config": asdict(cfg)}
+            "build_log": str(out_dir / "trt_build.log"), "log_counts": dict(log.counts), "config": asdict(cfg)}
 
 
 def load_engine(path: str | Path):
     """Return (tensorrt module, deserialized engine)."""
     trt = require_tensorrt()
-    runtime = trt.Runtime(_logger(trt))
+    runtime = trt.Runtime(_logger(trt, keep=50))
     engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
     _KEEP.append(runtime)  # a runtime must outlive the engines it deserialized
     if engine is None:
@@ -222,7 +248,7 @@ def layer_times(trt, engine, runner: Runner, batch: int, iters: int) -> list[dic
         prof_runner.execute()
         prof_runner.stream.synchronize()
     meta = {d["Name"]: onnx_names(d) for d in inspect_engine(trt, engine)}
-    rows = [{"trt_layer": k, "mean_ms": float(np.mean(v)), "onnx_nodes": meta.get(k, _split_name(k))}
+    rows = [{"trt_layer": k, "mean_ms": float(np.mean(v)), "onnx_nodes": meta.get(k, split_name(k))}
             for k, v in prof.times.items()]
     return sorted(rows, key=lambda r: -r["mean_ms"])
 
@@ -231,39 +257,6 @@ def inspect_engine(trt, engine) -> list[dict]:
     """Return the engine inspector's layer list (DETAILED verbosity), TensorRT 10 or 11 schema."""
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     return [d if isinstance(d, dict) else {"Name": d} for d in info.get("Layers", [])]
-
-
-def _split_name(name: str) -> list[str]:
-    return [p.strip() for p in name.split(" + ") if p.strip()]
-
-
-def onnx_names(layer: dict) -> list[str]:
-    """Return the ONNX node names a TensorRT layer came from (Metadata, else its fused name)."""
-    found = re.findall(r"ONNX Layer:\s*([^\]\x1e]+)", str(layer.get("Metadata", "")))
-    return [f.strip() for f in found] or _split_name(str(layer.get("Name", "")))
-
-
-def _precision(layer: dict) -> str:
-    """Return int8 / fp8 / fp16 / fp32 from a layer's input tensor types (both inspector schemas)."""
-    kinds = " ".join(str(t.get("DataType", "")) + " " + str(t.get("Format/Datatype", ""))
-                     for t in layer.get("Inputs", []) if isinstance(t, dict)).lower()
-    for key, name in (("int8", "int8"), ("fp8", "fp8"), ("half", "fp16"), ("fp16", "fp16"), ("float", "fp32")):
-        if key in kinds:
-            return name
-    return "unknown"
-
-
-def check_precisions(layers: list[dict], quantized: list[str], float_layers: list[str]) -> dict:
-    """Return per policy layer the precision its TensorRT layer ran in; list quantized layers not INT8."""
-    ran: dict[str, set[str]] = {}
-    for d in layers:
-        if str(d.get("LayerType", "")).lower() in ("reformat", "shuffle", "nodeeque"):
-            continue
-        for n in onnx_names(d):
-            ran.setdefault(n, set()).add(_precision(d))
-    out = {n: sorted(ran.get(n, {"absent"})) for n in [*quantized, *float_layers]}
-    return {"layers": out, "not_int8": [n for n in quantized if "int8" not in out[n]],
-            "float_not_fp16": [n for n in float_layers if "fp16" not in out[n]]}
 
 
 def compare_with_ort(runner: Runner, onnx_path: str | Path, images) -> dict:
@@ -286,8 +279,9 @@ def compare_with_ort(runner: Runner, onnx_path: str | Path, images) -> dict:
 
 
 def profile_engine(path: str | Path, cfg, quantized: list[str] | None = None,
-                   float_layers: list[str] | None = None) -> dict:
-    """Return end-to-end CUDA-event latency, per-layer times and the inspector precision check of an engine."""
+                   float_layers: list[str] | None = None, onnx_path: str | Path | None = None) -> dict:
+    """Return end-to-end CUDA-event latency, per-layer times at every batch size (summed per policy layer) and
+    the inspector's precision check of an engine (its ONNX file, when given, says which outputs must be INT8)."""
     import torch
 
     trt, engine = load_engine(path)
@@ -295,11 +289,20 @@ def profile_engine(path: str | Path, cfg, quantized: list[str] | None = None,
     warmup, iters = getattr(cfg, "warmup", 50), getattr(cfg, "iters", 500)
     res = {"runtime": "tensorrt", "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0),
            "input_shape": list(runner.input_shape()), "batches": time_engine(runner, cfg.batch_sizes, warmup, iters)}
-    res["layers"] = layer_times(trt, engine, runner, cfg.batch_sizes[0], getattr(cfg, "layer_iters", 50))
+    policy_layers = [*(quantized or []), *(float_layers or [])]
+    res["layers"], res["per_policy_layer"] = {}, {}
+    for b in cfg.batch_sizes:  # the IProfiler runs apart from the timing above: it adds overhead
+        if b > runner.max_batch():
+            continue
+        rows = layer_times(trt, engine, runner, b, getattr(cfg, "layer_iters", 50))
+        res["layers"][str(b)] = rows
+        res["per_policy_layer"][str(b)] = per_policy_layer(rows, policy_layers)
     layers = inspect_engine(trt, engine)
     dump = Path(path).with_name("engine_layers.json")  # the full inspector dump, for the record
     atomic_write_text(dump, json.dumps(layers, indent=1) + "\n")
     res["inspector"] = {"layers": len(layers), "dump": str(dump)}
     if quantized is not None:
-        res["precision_check"] = check_precisions(layers, quantized, float_layers or [])
+        weak_fp16 = trt_major(trt) < 11 and not getattr(cfg, "strongly_typed", False) and getattr(cfg, "fp16", True)
+        int8_out, float_dtype = expectations(onnx_path, quantized, float_layers or [], weak_fp16)
+        res["precision_check"] = check_precisions(layers, quantized, float_layers or [], int8_out, float_dtype)
     return res

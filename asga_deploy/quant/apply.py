@@ -20,8 +20,9 @@ def apply_policy(model: nn.Module, policy: Policy, validate: bool = True, source
     """Swap each policy layer of model for its quantized version (in place); return the deploy quantizers added.
 
     Float layers are kept. Weight step sizes are initialised by MSE at once; activation step sizes need
-    `calibrate`. On a target with residual quantization (ort), 8-bit quantizers are also placed around
-    residual Adds and conv outputs: their records (name, role, sign) are returned; the policy is not changed.
+    `calibrate`. On a target with residual quantization (ort: around residual Adds and conv outputs; tensorrt:
+    on residual Add inputs), 8-bit quantizers are also placed: their records (name, role, sign) are returned;
+    the policy is not changed (its `deploy.residual_quant: false` switches them off).
     """
     if validate:
         validate_policy(policy, model, source)
@@ -31,7 +32,10 @@ def apply_policy(model: nn.Module, policy: Policy, validate: bool = True, source
             raise ValueError(f"layer {name} is already quantized")
         cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
         set_module(model, name, cls.from_float(m, bits.weight_bits, bits.act_bits, bits.act_signed))
-    return insert_deploy_quantizers(model) if get_target(policy.target).residual_quant else []
+    mode = get_target(policy.target).residual_quant
+    if policy.deploy.get("residual_quant", True) is False:  # the policy's switch: no deploy quantizers
+        mode = ""
+    return insert_deploy_quantizers(model, mode) if mode else []
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:

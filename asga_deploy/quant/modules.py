@@ -34,10 +34,21 @@ def shell_like(layer: nn.Conv2d | nn.Linear, cls: type) -> nn.Module:
 class _QuantMixin:
     weight_quantizer: FakeQuantizer
     input_quantizer: FakeQuantizer
+    # set by the export where the input already comes out of a quantizer of the same grid: applying it again
+    # changes nothing in torch, but would emit a second identical Q/DQ pair that ONNX Runtime may not fuse
+    input_on_grid = False
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the input on the layer's activation grid."""
+        return x if self.input_on_grid else self.input_quantizer(x)
 
     def quantized_weight(self) -> torch.Tensor:
         """Return the fake-quantized weight (on its b-bit grid times the per-channel scale)."""
         return self.weight_quantizer(self.weight)
+
+    def layer_bias(self) -> torch.Tensor | None:
+        """Return the bias the layer adds (the export swaps in its INT32 codes behind a DequantizeLinear)."""
+        return self.bias
 
     def extra_repr(self) -> str:
         wq, aq = self.weight_quantizer, self.input_quantizer
@@ -57,7 +68,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.layer_bias())
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -73,4 +84,4 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.layer_bias())

@@ -38,6 +38,39 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     return (x - x * g).detach() + x * g
 
 
+def _quantize(x: torch.Tensor, s: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+    """Return s * clamp(round(x / s)) (round half to even, a true division as QuantizeLinear's)."""
+    return torch.clamp(torch.round(x / s), qmin, qmax) * s
+
+
+class _ActQDQ(torch.autograd.Function):
+    """Per-tensor fake quantization that exports as exactly the Q/DQ nodes described in forward_onnx."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float, qmin: int, qmax: int, signed: bool, requant8: bool,
+                signed_u8: bool):
+        return _quantize(x, torch.tensor(scale, dtype=x.dtype), qmin, qmax)
+
+    @staticmethod
+    def symbolic(g, x, scale: float, qmin: int, qmax: int, signed: bool, requant8: bool, signed_u8: bool):
+        s32 = torch.tensor(scale, dtype=torch.float32)
+        s = g.op("Constant", value_t=s32)
+        zp = torch.tensor(0, dtype=torch.int8 if signed else torch.uint8)
+        if signed and signed_u8:  # the same codes shifted by 128, the form ONNX Runtime's x86 kernels take
+            zp = torch.tensor(128, dtype=torch.uint8)
+        zp = g.op("Constant", value_t=zp)
+        lo8, hi8 = (-128, 127) if signed else (0, 255)
+
+        def qdq(v):
+            return g.op("DequantizeLinear", g.op("QuantizeLinear", v, s, zp), s, zp)
+
+        if requant8:
+            x = qdq(x)
+        if (qmin, qmax) != (lo8, hi8):  # the b-bit range in float: QuantizeLinear maps its ends to qmin / qmax
+            x = g.op("Clip", x, g.op("Constant", value_t=s32 * qmin), g.op("Constant", value_t=s32 * qmax))
+        return qdq(x)
+
+
 class FakeQuantizer(nn.Module):
     """Learned-step-size fake quantizer: x -> s * clamp(round(x / s), qmin, qmax)."""
 
@@ -49,7 +82,9 @@ class FakeQuantizer(nn.Module):
         self.per_channel = channels is not None
         self.scale = nn.Parameter(torch.ones(channels if channels is not None else 1))
         self.register_buffer("initialized", torch.tensor(False))
-        self.onnx_mode = False  # forward through torch.fake_quantize_* ops (they export to Q/DQ)
+        self.onnx_mode = False  # exact step, exportable as Q/DQ (forward_onnx)
+        self.requant8 = False  # set by the lowering where an 8-bit Q/DQ pair must come first (forward_onnx)
+        self.signed_u8 = False  # set by the lowering: a signed grid exported as UINT8, zero point 128
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.per_channel else "per-tensor"
@@ -77,21 +112,20 @@ class FakeQuantizer(nn.Module):
         return round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
 
     def forward_onnx(self, x: torch.Tensor) -> torch.Tensor:
-        """Same function through a clamp to the b-bit range and an 8-bit fake_quantize op.
+        """The same function with the exact step (no LSQ gradient scaling); exports as Q/DQ.
 
-        torch's ONNX exporters only take the (0,255), (-128,127) and (0,127) fake-quant ranges:
-        clamping to the b-bit range first and then quantizing on the 8-bit grid of the same scale
-        is bit-identical on the values that matter and lowers to Clip -> QuantizeLinear -> DequantizeLinear.
+        It divides by the step as QuantizeLinear does (torch's fake_quantize ops multiply by 1/s, which
+        disagrees near rounding ties). Per tensor it lowers to [Clip ->] QuantizeLinear -> DequantizeLinear
+        on the 8-bit type of the same scale (every b-bit grid is a subset of it), with `requant8` first a
+        plain 8-bit Q/DQ pair (so that a conv before it ends in a Q and fuses into an integer kernel), and
+        with `signed_u8` a signed grid as UINT8 with zero point 128 (what ORT converts INT8 to on x86, which
+        it fails to do where the DequantizeLinear has several consumers, leaving those ops in float).
         """
         s = self.step().detach()
-        lo8, hi8 = (0, 255) if not self.signed else (-128, 127)
-        if (self.qmin, self.qmax) != (lo8, hi8):
-            x = torch.clamp(x, self.qmin * self._shaped(s, x), self.qmax * self._shaped(s, x)) \
-                if self.per_channel else torch.clamp(x, self.qmin * float(s), self.qmax * float(s))
         if self.per_channel:
-            zp = torch.zeros(s.numel(), dtype=torch.int32)
-            return torch.fake_quantize_per_channel_affine(x, s, zp, self.axis, lo8, hi8)
-        return torch.fake_quantize_per_tensor_affine(x, float(s), 0, lo8, hi8)
+            return _quantize(x, self._shaped(s, x), self.qmin, self.qmax)
+        return _ActQDQ.apply(x, float(s.reshape(())), self.qmin, self.qmax, self.signed,
+                             bool(getattr(self, "requant8", False)), bool(getattr(self, "signed_u8", False)))
 
     @torch.no_grad()
     def integer(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Deploy quantizers for ONNX Runtime: 8-bit Q/DQ around residual Adds and after convs (full node units).
+"""Deploy quantizers: 8-bit Q/DQ around residual Adds and after convs (ONNX Runtime's full node units), or on
+residual Add inputs (TensorRT, mode "add_inputs": see `_plan_add_inputs`).
 
 ONNX Runtime runs a Conv as an integer kernel only as a full node unit (DQ -> Conv -> Q) and an Add as
 QLinearAdd only when its inputs and output are quantized. These quantizers are part of the deployed
@@ -42,7 +43,8 @@ _PASS_MODULES = (nn.BatchNorm2d, nn.Identity)
 _NONNEG_KEEP = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Flatten, nn.Dropout)
 
 
-def _is_add(node: torch.fx.Node) -> bool:
+def is_add(node: torch.fx.Node) -> bool:
+    """Return whether an fx node adds two tensors (a residual Add)."""
     tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
     if len(tensors) != 2 or node.kwargs.get("alpha", 1) != 1:
         return False
@@ -50,12 +52,14 @@ def _is_add(node: torch.fx.Node) -> bool:
             or (node.op == "call_method" and node.target in _ADD_METHODS))
 
 
-def _module(gm: nn.Module, node: torch.fx.Node) -> nn.Module | None:
+def module_of(gm: nn.Module, node: torch.fx.Node) -> nn.Module | None:
+    """Return the module an fx call_module node calls (None for other nodes)."""
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _is_relu(model: nn.Module, node: torch.fx.Node) -> bool:
-    m = _module(model, node)
+def is_relu(model: nn.Module, node: torch.fx.Node) -> bool:
+    """Return whether an fx node is a ReLU (module, function or method)."""
+    m = module_of(model, node)
     return isinstance(m, _RELU_MODULES) or (node.op == "call_function" and node.target in _RELU_FUNCS) or (
         node.op == "call_method" and node.target in ("relu", "relu_"))
 
@@ -64,15 +68,15 @@ def _nonneg(model: nn.Module, node: torch.fx.Node, memo: dict) -> bool:
     """Whether a node's value is >= 0 by construction (ReLU, unsigned quantizer, pooling of those)."""
     if node in memo:
         return memo[node]
-    m = _module(model, node)
+    m = module_of(model, node)
     args = [a for a in node.args if isinstance(a, torch.fx.Node)]
-    if _is_relu(model, node):
+    if is_relu(model, node):
         out = True
     elif isinstance(m, FakeQuantizer):
         out = not m.signed
     elif isinstance(m, _NONNEG_KEEP) or (node.op == "call_function" and node.target is torch.flatten):
         out = bool(args) and _nonneg(model, args[0], memo)
-    elif _is_add(node):
+    elif is_add(node):
         out = all(_nonneg(model, a, memo) for a in args)
     else:
         out = False
@@ -81,14 +85,14 @@ def _nonneg(model: nn.Module, node: torch.fx.Node, memo: dict) -> bool:
 
 
 def _is_quantizing_consumer(model: nn.Module, node: torch.fx.Node) -> bool:
-    return isinstance(_module(model, node), (QuantConv2d, QuantLinear, FakeQuantizer))
+    return isinstance(module_of(model, node), (QuantConv2d, QuantLinear, FakeQuantizer))
 
 
-def _conv_tail(model: nn.Module, node: torch.fx.Node) -> torch.fx.Node:
+def conv_tail(model: nn.Module, node: torch.fx.Node) -> torch.fx.Node:
     """Follow a conv's output through single-user BN/Identity/ReLU nodes; return the last one."""
     while len(node.users) == 1:
         (user,) = node.users
-        if isinstance(_module(model, user), _PASS_MODULES) or _is_relu(model, user):
+        if isinstance(module_of(model, user), _PASS_MODULES) or is_relu(model, user):
             node = user
         else:
             break
@@ -103,9 +107,10 @@ class _Planner:
         self.memo: dict = {}
 
     def insert(self, key: str, src: torch.fx.Node, users: list[torch.fx.Node] | None, role: str,
-               before: str) -> torch.fx.Node:
-        """Insert quantizer `key` on src's value for the given users (all users if None)."""
-        signed = not _nonneg(self.model, src, self.memo)
+               before: str, signed: bool | None = None) -> torch.fx.Node:
+        """Insert quantizer `key` on src's value for the given users (all users if None); signed by default
+        where the value can be negative."""
+        signed = (not _nonneg(self.model, src, self.memo)) if signed is None else signed
         q = FakeQuantizer(8, signed=signed)
         self.container.add_module(key, q)
         self.model.add_module(CONTAINER, self.container)  # visible to get_submodule during planning
@@ -135,7 +140,7 @@ class _Planner:
 def _source_quantizer(model: nn.Module, node: torch.fx.Node) -> tuple[torch.fx.Node, FakeQuantizer] | None:
     """Return the deploy quantizer whose grid a value is on (through max-pool/flatten/identity), if any."""
     while True:
-        m = _module(model, node)
+        m = module_of(model, node)
         if isinstance(m, FakeQuantizer) and str(node.target).startswith(CONTAINER + "."):
             return node, m
         args = [a for a in node.args if isinstance(a, torch.fx.Node)]
@@ -150,35 +155,39 @@ def _describe(node: torch.fx.Node) -> str:
     return node.target if node.op == "call_module" else node.name
 
 
-def insert_deploy_quantizers(model: nn.Module) -> list[dict]:
-    """Insert 8-bit deploy quantizers (residual Adds, conv outputs) in place; return their records.
+def _conv_output(model: nn.Module, node: torch.fx.Node) -> bool:
+    """Whether a value is a quantized conv's output (through BN/Identity) used only there (fusable into its epilogue)."""
+    while isinstance(module_of(model, node), _PASS_MODULES) and node.args and isinstance(node.args[0], torch.fx.Node):
+        if len(node.users) != 1:
+            return False
+        node = node.args[0]
+    return isinstance(module_of(model, node), QuantConv2d) and len(node.users) == 1
 
-    Returns [] and leaves the model unchanged when it has no place for them or is not fx-traceable.
-    """
-    if hasattr(model, CONTAINER):
-        raise ValueError(f"model already carries {CONTAINER}")
-    graph = trace_graph(model)
-    if graph is None:
-        return []
-    plan = _Planner(model, graph)
+
+def _normalise_add(node: torch.fx.Node) -> None:
+    if node.op == "call_function" and node.target is operator.iadd:
+        node.target = operator.add  # in place adds would alias tensors seen by calibration
+    elif node.op == "call_method" and node.target in ("add_", "__iadd__"):
+        node.target = "add"
+
+
+def _plan_units(model: nn.Module, graph: torch.fx.Graph, plan: _Planner) -> None:
+    """ONNX Runtime: every conv a full node unit, every residual Add a QLinearAdd, shared scales where tied."""
     for node in list(graph.nodes):  # conv outputs first: one shared Q makes the conv a full node unit
-        if not isinstance(_module(model, node), QuantConv2d):
+        if not isinstance(module_of(model, node), QuantConv2d):
             continue
-        tail = _conv_tail(model, node)
+        tail = conv_tail(model, node)
         users = list(tail.users)
         if not users or any(u.op == "output" for u in users):
             continue  # logits stay float
         if len(users) > 1 or not _is_quantizing_consumer(model, users[0]):
             plan.insert(f"{node.target.replace('.', '_')}_out", tail, None, "conv_output", "(users)")
     for node in list(graph.nodes):
-        if not _is_add(node):
+        if not is_add(node):
             continue
-        if node.op == "call_function" and node.target is operator.iadd:
-            node.target = operator.add  # in place adds would alias tensors seen by calibration
-        elif node.op == "call_method" and node.target in ("add_", "__iadd__"):
-            node.target = "add"
+        _normalise_add(node)
         for i, a in enumerate([a for a in node.args if isinstance(a, torch.fx.Node)]):
-            if isinstance(_module(model, a), FakeQuantizer):
+            if isinstance(module_of(model, a), FakeQuantizer):
                 continue
             src = _source_quantizer(model, a)
             if src is not None and src[1].signed == (not _nonneg(model, a, plan.memo)):
@@ -186,12 +195,12 @@ def insert_deploy_quantizers(model: nn.Module) -> list[dict]:
             else:
                 plan.insert(f"{node.name}_in{i}", a, [node], "add_input", node.name)
         users = list(node.users)
-        if len(users) == 1 and _is_relu(model, users[0]):
+        if len(users) == 1 and is_relu(model, users[0]):
             plan.insert(f"{node.name}_out", users[0], None, "add_output", "(users)")
         elif users and not all(_is_quantizing_consumer(model, u) for u in users):
             plan.insert(f"{node.name}_out", node, None, "add_output", "(users)")
     for node in list(graph.nodes):  # 8-bit layer inputs fed by a deploy quantizer share its scale
-        layer = _module(model, node)
+        layer = module_of(model, node)
         if not isinstance(layer, (QuantConv2d, QuantLinear)) or not node.args:
             continue
         src = _source_quantizer(model, node.args[0])
@@ -200,21 +209,70 @@ def insert_deploy_quantizers(model: nn.Module) -> list[dict]:
             layer.input_quantizer = src[1]
             plan.records.append({"name": f"{node.target}.input_quantizer", "role": "tied_input", "after": src[0].target,
                                  "shares": src[0].target, "bits": 8, "signed": q.signed})
+
+
+def _plan_add_inputs(model: nn.Module, graph: torch.fx.Graph, plan: _Planner) -> None:
+    """TensorRT (NVIDIA's QAT rule for ResNets): a signed 8-bit Q/DQ on each residual Add input except the one
+    conv output that TensorRT fuses the Add into (its epilogue), so that the Add and the next conv run INT8."""
+    for node in list(graph.nodes):
+        if not is_add(node):
+            continue
+        _normalise_add(node)
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        fused = next((a for a in args if _conv_output(model, a)), None)
+        for i, a in enumerate(args):
+            m = module_of(model, a)
+            if a is fused or (isinstance(m, FakeQuantizer) and m.signed):
+                continue
+            plan.insert(f"{node.name}_in{i}", a, [node], "add_input", node.name, signed=True)
+
+
+def insert_deploy_quantizers(model: nn.Module, mode: str = "units") -> list[dict]:
+    """Insert 8-bit deploy quantizers in place (mode "units": residual Adds and conv outputs for ONNX Runtime;
+    "add_inputs": residual Add inputs for TensorRT); return their records.
+
+    Returns [] and leaves the model unchanged when it has no place for them or is not fx-traceable.
+    """
+    if mode not in ("units", "add_inputs"):
+        raise ValueError(f"unknown deploy quantizer mode {mode!r}")
+    if hasattr(model, CONTAINER):
+        raise ValueError(f"model already carries {CONTAINER}")
+    graph = trace_graph(model)
+    if graph is None:
+        return []
+    plan = _Planner(model, graph)
+    (_plan_units if mode == "units" else _plan_add_inputs)(model, graph, plan)
     if not plan.records:
         if hasattr(model, CONTAINER):
             delattr(model, CONTAINER)
         return []
     graph.lint()
-    _install_forward(model, graph)
+    install_forward(model, graph)
     return plan.records
 
 
-def _install_forward(model: nn.Module, graph: torch.fx.Graph) -> None:
+def install_forward(model: nn.Module, graph: torch.fx.Graph) -> None:
     """Replace model.forward (on the instance) by the rewritten graph's code."""
     code = graph.python_code(root_module="self")
     scope = dict(code.globals)
     exec(compile(code.src, f"<{CONTAINER} forward of {type(model).__name__}>", "exec"), scope)
     model.forward = types.MethodType(scope["forward"], model)
+
+
+def trace_model(model: nn.Module) -> torch.fx.Graph | None:
+    """Return the fx graph of the forward a model runs: its installed one where deploy quantizers were inserted.
+
+    torch.fx traces the class's forward, not an instance attribute, so the class is swapped for the time of it.
+    """
+    fwd = model.__dict__.get("forward")
+    if not isinstance(fwd, types.MethodType):
+        return trace_graph(model)
+    cls = model.__class__
+    model.__class__ = type(cls.__name__, (cls,), {"forward": fwd.__func__})
+    try:
+        return trace_graph(model)
+    finally:
+        model.__class__ = cls
 
 
 def deploy_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
