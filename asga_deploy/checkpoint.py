@@ -9,6 +9,7 @@ resuming refuses an incomplete one unless told otherwise. The RNG helpers make r
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from .policy import Policy
 from .quant import apply_policy
 
 KINDS = ("float", "finetuned", "search")
+_WRITTEN_BY = {"float": "the float.pt of `asga train`", "finetuned": "the finetuned.pt of `asga finetune`",
+               "search": "the checkpoint.pt of `asga search`"}
 _MODEL_KEYS = (("model_name", str), ("num_classes", int), ("in_chans", int))
 
 
@@ -33,8 +36,45 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
 
 
 def _first_line(e: Exception) -> str:
+    """Return why torch.load failed, in one line that never suggests loading unsafely."""
     text = str(e).strip()
+    if "weights_only" in text or "Weights only load failed" in text or "Unsupported global" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return (f"it holds a Python object ({found.group(1)}) that asga checkpoints never contain, and such "
+                    "objects are not loaded")
+        why = re.search(r"Unpickler error:\s*(.+?)\s*(?:Check the documentation|$)", text, re.S)
+        return f"not a checkpoint: {' '.join(why.group(1).split())[:120] if why else 'unpickling failed'}"
+    if isinstance(e, RecursionError):
+        return "it is nested too deeply to read"
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+_OPTIONAL = (("epoch", int), ("complete", bool), ("config", dict), ("metrics", dict), ("dataset", str),
+             ("input_size", int), ("provenance", dict))
+
+
+def _bad_entries(ckpt: dict) -> list[str]:
+    """Return the checkpoint entries that readers use and that are missing, of the wrong type or out of range."""
+    bad = [k for k, typ in _MODEL_KEYS if not isinstance(ckpt.get(k), typ) or isinstance(ckpt.get(k), bool)]
+    bad += [k for k in ("num_classes", "in_chans") if k not in bad and ckpt[k] < 1]
+    for k, typ in _OPTIONAL:
+        v = ckpt.get(k)
+        if v is not None and (not isinstance(v, typ) or (typ is int and (isinstance(v, bool) or v < 0))):
+            bad.append(k)
+    if ckpt.get("input_size") == 0:
+        bad.append("input_size")
+    if ckpt["kind"] == "finetuned" and not isinstance(ckpt.get("policy"), dict):
+        bad.append("policy")
+    return bad
+
+
+def incomplete_note(ckpt: dict) -> str | None:
+    """Return 'saved after epoch k of n' for a train/finetune checkpoint of an unfinished run, else None."""
+    if ckpt.get("kind") == "search" or ckpt.get("complete") is not False:
+        return None
+    total = (ckpt.get("config") or {}).get("epochs", "?")
+    return f"saved after epoch {ckpt.get('epoch', '?')} of {total}"
 
 
 def load_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None,
@@ -47,7 +87,7 @@ def load_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None,
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
-                              else f"checkpoint {path} is not a file")
+                              else f"checkpoint {path} is a folder, not a file; give the path of its .pt file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, globals outside the safe list
@@ -57,22 +97,21 @@ def load_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None,
         raise CheckpointError(f"{path} is not an asga checkpoint (no 'kind'/'model' entries)")
     kinds = kind if isinstance(kind, tuple) else ((kind,) if kind else KINDS)
     if ckpt["kind"] not in kinds:
-        raise CheckpointError(f"{path} is a '{ckpt['kind']}' checkpoint, expected '{' or '.join(kinds)}'")
+        raise CheckpointError(f"{path} is a '{ckpt['kind']}' checkpoint, expected '{' or '.join(kinds)}': give "
+                              + " or ".join(_WRITTEN_BY[k] for k in kinds))
     state = ckpt["model"]
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: its 'model' entry is not a state dict of tensors (damaged or not an "
                               "asga checkpoint)")
-    bad = [k for k, typ in _MODEL_KEYS if not isinstance(ckpt.get(k), typ) or isinstance(ckpt.get(k), bool)]
-    if ckpt["kind"] == "finetuned" and not isinstance(ckpt.get("policy"), dict):
-        bad.append("policy")
+    bad = _bad_entries(ckpt)
     if bad:
-        raise CheckpointError(f"{path} lacks valid {', '.join(bad)} entries (damaged or written by another tool)")
-    if ckpt["kind"] != "search" and ckpt.get("complete") is False and not allow_incomplete:
-        total = (ckpt.get("config") or {}).get("epochs", "?")
-        raise CheckpointError(f"{path} is incomplete: saved after epoch {ckpt.get('epoch', '?')} of {total} (the run "
-                              "was interrupted); finish it with the same command and --resume, or pass "
-                              "--allow-incomplete to use it as it is")
+        raise CheckpointError(f"{path} lacks valid {', '.join(bad)} entries (damaged or written by another tool); "
+                              "use a checkpoint written by asga train, search or finetune")
+    note = incomplete_note(ckpt)
+    if note and not allow_incomplete:
+        raise CheckpointError(f"{path} is incomplete: {note} (the run was interrupted); finish it with the same "
+                              "command and --resume, or pass --allow-incomplete to use it as it is")
     return ckpt
 
 
@@ -146,10 +185,13 @@ def load_finetuned(path: str | Path, policy: Policy | None = None, allow_incompl
     trained = Policy.from_dict(ckpt["policy"], f"{path} (embedded policy)")
     if policy is not None:
         if ckpt["model_name"] != policy.model:
-            raise CheckpointError(f"{path} holds model {ckpt['model_name']}, the policy is for {policy.model}")
+            raise CheckpointError(f"{path} holds model {ckpt['model_name']}, the policy is for {policy.model}; "
+                                  "give the finetuned.pt of this policy (asga finetune POLICY) or the policy it was "
+                                  "fine-tuned with")
         diff = trained.diff(policy)
         if diff:
-            raise CheckpointError(f"{path} was fine-tuned with another policy; differing layers: {', '.join(diff)}")
+            raise CheckpointError(f"{path} was fine-tuned with another policy; differing layers: {', '.join(diff)}; "
+                                  "fine-tune this policy first (asga finetune POLICY)")
     model, records = build_model(ckpt, str(path))
     return model.eval(), ckpt, trained, records
 

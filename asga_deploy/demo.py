@@ -15,12 +15,13 @@ from pathlib import Path
 from . import data as D
 from .budget import Budget
 from .cost import layer_costs
+from .errors import OptionError
 from .export.onnx_qdq import export_float
 from .export.ort import ParityConfig
 from .export.run import ExportConfig, run_export
 from .export.timing import alternate_latency
 from .finetune import FinetuneConfig, run_finetune
-from .io import atomic_write_json, machine_info, provenance, versions
+from .io import atomic_write_json, check_output_dir, machine_info, provenance, versions
 from .models import create_model, model_info
 from .naming import artifact_stem, uniform_stem
 from .policy import Policy, model_cost_table, uniform_policy
@@ -30,6 +31,7 @@ from .search.proxy import proxy_data
 from .search.run import SearchConfig, run_search
 from .targets import get_target
 from .train import TrainConfig, run_train
+from .validate import SEED_MAX, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -60,17 +62,39 @@ def _step(callback, name: str, message: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
-    """Run the chain; return the summary (also written to <out>/demo.json and report.md)."""
-    root = Path(cfg.out_dir)
+def check_demo(cfg: DemoConfig) -> Path:
+    """Validate every setting, the data and the output folder before anything is trained; return the folder."""
+    for k in ("proxy_size", "train_epochs", "search_epochs", "finetune_epochs", "parity_images", "latency_rounds",
+              "latency_iters"):
+        check_int(k.replace("_", "-"), getattr(cfg, k), 1)
+    check_int("--seed", cfg.seed, 0, SEED_MAX)
+    check_number("--budget-bitops", cfg.budget_bitops, 0, 1, lo_open=True)
+    if cfg.search_init not in ("float", "scratch"):
+        raise OptionError(f"search_init {cfg.search_init!r} unknown; choose float or scratch")
+    root = check_output_dir(cfg.out_dir)
     spec = D.dataset_spec(cfg.dataset, cfg.data_dir)  # fails early, naming where it looked
     model_info(cfg.model)
     target = get_target(cfg.target)
     budget = Budget.from_options(bitops=cfg.budget_bitops)
-    in_chans, size = spec.in_chans, spec.input_size
-    table = model_cost_table(cfg.model, spec.num_classes, in_chans, size)
+    table = model_cost_table(cfg.model, spec.num_classes, spec.in_chans, spec.input_size)
     budget.check_feasible(table, {n: [(w, a) for w in target.weight_bits
                                       for a in target.act_bits(table.layers[n].input_signed)] for n in table.counted})
+    train = D.get_dataset(cfg.dataset, "train", cfg.data_dir)  # reads (and checks) the files now, not after training
+    D.get_dataset(cfg.dataset, "test", cfg.data_dir)
+    if cfg.proxy_size > len(train):
+        raise OptionError(f"--proxy-size {cfg.proxy_size}: {cfg.dataset} holds only {len(train)} training images; "
+                          "choose a smaller proxy")
+    return root
+
+
+def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
+    """Run the chain; return the summary (also written to <out>/demo.json and report.md)."""
+    root = check_demo(cfg)
+    spec = D.dataset_spec(cfg.dataset, cfg.data_dir)
+    target = get_target(cfg.target)
+    budget = Budget.from_options(bitops=cfg.budget_bitops)
+    in_chans, size = spec.in_chans, spec.input_size
+    table = model_cost_table(cfg.model, spec.num_classes, in_chans, size)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 

@@ -21,8 +21,16 @@ class CheckpointError(AsgaError):
     """A file that is not a checkpoint of the expected kind, or does not fit the model/policy."""
 
 
+class OptionError(AsgaError):
+    """An option value outside its allowed range (NaN, infinite, negative, too large, unknown word)."""
+
+
 class OutputExistsError(AsgaError):
     """An output file exists and --force was not given."""
+
+
+class OutputError(AsgaError):
+    """An output location that cannot be written: a file in the way, a folder where a file belongs, no permission."""
 
 
 class UnsupportedTargetError(AsgaError):

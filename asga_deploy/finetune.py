@@ -13,17 +13,18 @@ from pathlib import Path
 from torch import nn
 
 from . import data
-from .checkpoint import load_checkpoint, load_weights
+from .checkpoint import incomplete_note, load_checkpoint, load_weights
 from .dist import barrier, init_distributed, shutdown
 from .errors import AsgaError, CheckpointError, PolicyError
-from .evaluate import check_classes, evaluate
-from .io import atomic_write_json, machine_info, provenance, versions
+from .evaluate import check_channels, check_classes, evaluate
+from .io import atomic_write_json, check_name, machine_info, provenance, versions
 from .models import create_model, model_info
 from .naming import safe_name
-from .policy import Policy, validate_policy
+from .policy import Policy, check_policy_shape, validate_policy
 from .progress import Callback, ProgressEvent, emit
 from .quant import apply_policy, calibrate
-from .train import Recipe, TrainResult, fit, prepare_run, seed_everything
+from .train import Recipe, TrainResult, check_outputs, fit, prepare_run, seed_everything
+from .validate import check_int, check_number, check_recipe
 
 
 def default_warmup(epochs: int) -> int:
@@ -63,6 +64,7 @@ class FinetuneConfig:
     amp_bf16: bool = False
     out_dir: str = "export"
     run: str | None = None
+    allow_incomplete: bool = False  # accept a float checkpoint of an interrupted `asga train` (recorded)
 
     def recipe(self) -> Recipe:
         """Return the loop recipe of this config."""
@@ -82,19 +84,21 @@ def _float_model(cfg: FinetuneConfig, policy: Policy, num_classes: int, in_chans
         raise AsgaError("give either --float CHECKPOINT or --weights torchvision, not both")
     if cfg.float_checkpoint:
         path = Path(cfg.float_checkpoint)
-        ck = load_checkpoint(path, "float")
+        ck = load_checkpoint(path, "float", cfg.allow_incomplete)
         name = ck.get("model_name")
         if name != policy.model:
             raise CheckpointError(f"{path} holds a {name} model but policy {cfg.policy} is for {policy.model}; "
                                   f"train one with `asga train --model {policy.model}` or pick the matching policy")
         check_classes(cfg.dataset, num_classes, int(ck["num_classes"]), str(path))
+        check_channels(cfg.dataset, in_chans, int(ck["in_chans"]), str(path), ck.get("dataset"))
         in_chans = int(ck.get("in_chans", in_chans))
         model = create_model(policy.model, num_classes=num_classes, in_chans=in_chans)
         try:
             load_weights(model, path, policy.model)
         except CheckpointError as e:
             raise CheckpointError(str(e).replace("\n", " ")) from None
-        return model, {"in_chans": in_chans, "input_size": ck.get("input_size"), "source": str(path)}
+        return model, {"in_chans": in_chans, "input_size": ck.get("input_size"), "source": str(path),
+                       "incomplete": incomplete_note(ck)}
     if cfg.weights == "torchvision":
         try:
             model = create_model(policy.model, num_classes=num_classes, in_chans=in_chans, weights="torchvision")
@@ -113,11 +117,19 @@ def _float_model(cfg: FinetuneConfig, policy: Policy, num_classes: int, in_chans
 def run_finetune(cfg: FinetuneConfig, resume: bool = False, force: bool = False,
                  callback: Callback | None = None) -> TrainResult:
     """Fine-tune a policy's quantized model; write <out>/<run>/finetuned.pt every epoch and finetune.json."""
+    check_name(cfg.run, "--run")
+    check_recipe(cfg.recipe())
+    check_number("--kd-alpha", cfg.kd_alpha, 0, 1)
+    for k in ("train_limit", "test_limit"):
+        if getattr(cfg, k) is not None:
+            check_int(f"--{k.replace('_', '-')}", getattr(cfg, k), 1)
+    check_int("--calib-batches", cfg.calib_batches, 1)
     policy = Policy.load(cfg.policy)
     info = model_info(policy.model)
     spec = data.dataset_spec(cfg.dataset, cfg.data_dir)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     ckpt_path, report_path = run_dir / "finetuned.pt", run_dir / "finetune.json"
+    check_outputs(ckpt_path, report_path)
     if resume and ckpt_path.exists():
         saved = load_checkpoint(ckpt_path, "finetuned", allow_incomplete=True)
         diff = Policy.from_dict(saved.get("policy"), f"{ckpt_path} (embedded policy)").diff(policy)
@@ -130,6 +142,7 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, force: bool = False,
     validate_policy(policy, model, cfg.policy)  # before any data is touched: bad input fails fast
     in_chans = facts["in_chans"]
     size = int(facts["input_size"] or (info.input_size if cfg.dataset == "imagefolder" else spec.input_size))
+    check_policy_shape(policy, (in_chans, size, size), cfg.policy)
     train_set, test_set = (data.get_dataset(cfg.dataset, s, cfg.data_dir, in_chans, size,
                                             augment=cfg.augment and s == "train", download=cfg.download)
                            for s in ("train", "test"))
@@ -159,12 +172,12 @@ def run_finetune(cfg: FinetuneConfig, resume: bool = False, force: bool = False,
         meta = {"kind": "finetuned", "model_name": policy.model, "num_classes": spec.num_classes,
                 "in_chans": in_chans, "input_size": size, "dataset": cfg.dataset, "config": asdict(cfg),
                 "policy": policy.to_dict(), "float_source": facts["source"],
-                "metrics": {"float_top1": float_top1}}
+                "float_incomplete": facts.get("incomplete"), "metrics": {"float_top1": float_top1}}
         record = fit(model, train_set, test_set, cfg.recipe(), dist, ckpt_path, meta, state, callback, "finetune",
                      teacher)
         report = {"config": asdict(cfg), "recipe": asdict(cfg.recipe()), "model": policy.model,
                   "policy": cfg.policy, "target": policy.target, "dataset": cfg.dataset,
-                  "float_top1": float_top1, "top1_per_epoch": [h["test_top1"] for h in record["history"]],
+                  "float_top1": float_top1, "float_incomplete": facts.get("incomplete"), "top1_per_epoch": [h["test_top1"] for h in record["history"]],
                   "top1": record["top1"], "test_count": record["test_count"], "time_s": record["time_s"],
                   "history": record["history"], "world_size": dist.world, "machine": machine_info(),
                   "versions": versions(), "provenance": provenance(dataset=cfg.dataset, seed=cfg.seed),

@@ -3,25 +3,117 @@
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import OutputExistsError
+from .errors import OptionError, OutputError, OutputExistsError
+
+
+def check_output_dir(folder: str | Path) -> Path:
+    """Return folder; raise OutputError when it, or the folder it would be created in, cannot be written.
+
+    Checked before any work: a file where a folder belongs, a path under a file, no write permission
+    or a read-only file system. Stale temporary files of killed writes in it are removed.
+    """
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():
+            raise OutputError(f"cannot write to {folder}: {probe} is a broken symbolic link; remove it or choose "
+                              "another output path")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot write to {folder}: {probe} is a file, not a folder; choose another output path "
+                          "(or move the file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {folder}: {probe} is not writable (permissions or a read-only file "
+                          "system); choose another output folder or fix its permissions")
+    if probe == folder:
+        clean_stale_tmp(folder)
+    return folder
 
 
 def check_writable(path: str | Path, force: bool) -> Path:
-    """Return the path; raise OutputExistsError if it exists and force is false."""
+    """Return the path; raise OutputExistsError if it exists and force is false, OutputError if it cannot be written."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder where a file is expected; choose a file path or remove the folder")
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
+    check_output_dir(path.parent)
     return path
+
+
+def check_name(name: str | None, option: str) -> str | None:
+    """Return a run/file name given on the command line; raise OptionError when it is not a plain name.
+
+    A name is one path component: no separator, not '.' or '..', not hidden, so outputs stay under --out.
+    """
+    if name is None:
+        return None
+    bad = (not name.strip() or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".")
+           or "\0" in name)
+    if bad:
+        raise OptionError(f"{option} {name!r}: give a plain name (letters, digits, '-', '_', '.'; no path "
+                          "separator, no '..', not starting with '.'); choose the parent folder with --out")
+    return name
+
+
+_STALE_UNKNOWN_S = 60.0  # a temporary file without a writer's pid counts as stale after this many seconds
+# what atomic_write_bytes names its temporary files: .<name>.<pid>.<8 random>.tmp (older: no pid)
+_TMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp$")
+
+
+def _writer_alive(tmp: Path, pid: str | None) -> bool:
+    """Whether the process that wrote a temporary file may still be writing it."""
+    if pid is not None:
+        if int(pid) == os.getpid():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # another user's process (or a pid out of range): leave it
+            return True
+        return True
+    try:
+        return time.time() - tmp.stat().st_mtime < _STALE_UNKNOWN_S
+    except OSError:
+        return True
+
+
+def clean_stale_tmp(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove the hidden temporary files of atomic writes killed before their rename (of `name`, or of any file)
+    from folder; return what was removed."""
+    folder = Path(folder)
+    removed = []
+    try:
+        candidates = list(folder.glob(f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        m = _TMP.match(tmp.name)
+        if m is None or (name is not None and m["name"] != name) or tmp.is_symlink() or not tmp.is_file():
+            continue
+        if not _writer_alive(tmp, m["pid"]):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
 
 
 def _umask() -> int:
@@ -31,10 +123,15 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes to path through a temporary file and a rename; return the path."""
+    """Write bytes to path through a temporary file and a rename; return the path.
+
+    The temporary file (.<name>.<pid>.<random>.tmp) names its writer, so a later write can tell the
+    leftovers of a killed process and remove them.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale_tmp(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -11,11 +11,12 @@ from scipy.stats import spearmanr
 
 from .budget import Budget
 from .errors import AsgaError
-from .io import atomic_write_json, check_writable, provenance
+from .io import atomic_write_json, check_name, check_writable, provenance
 from .naming import artifact_stem
 from .policy import Policy, policy_from_choice
 from .report.plots import plot_heatmaps
 from .sensitivity import KINDS, SCHEMA, cost_table, deltas
+from .validate import SEED_MAX, check_int
 
 PICKS = ("best", "worst", "random")
 
@@ -34,7 +35,38 @@ def load_table(path: str | Path) -> dict:
     missing = [k for k in ("model", "target", "layers", "options", "costs", "ptq", "input_shape") if k not in table]
     if missing:
         raise AsgaError(f"{path}: sensitivity table lacks {', '.join(missing)}")
+    problems = _table_problems(table)
+    if problems:
+        raise AsgaError(f"{path} is a damaged sensitivity table: {'; '.join(problems[:4])}; measure it again "
+                        "with `asga sensitivity`")
     return table
+
+
+def _table_problems(t: dict) -> list[str]:
+    """Return what is malformed in a sensitivity table (types, layers without options, costs or deltas)."""
+    layers = t["layers"]
+    if not isinstance(layers, list) or not layers or not all(isinstance(n, str) for n in layers):
+        return ["'layers' must be a non-empty list of layer names"]
+    out = []
+    for key in ("options", "costs", "ptq"):
+        if not isinstance(t[key], dict):
+            out.append(f"'{key}' must be an object")
+    if not isinstance(t.get("num_classes"), int) or not isinstance(t.get("reference_choice"), dict):
+        out.append("'num_classes' or 'reference_choice' missing")
+    if out:
+        return out
+    for n in layers:
+        opts, delta, cost = t["options"].get(n), t["ptq"].get(n), t["costs"].get(n)
+        if not (isinstance(opts, list) and opts and all(isinstance(o, list) and len(o) == 2 and all(
+                isinstance(b, int) for b in o) for o in opts)):
+            out.append(f"layer {n}: options missing or not [w, a] pairs")
+        elif not (isinstance(delta, list) and len(delta) == len(opts) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in delta)):
+            out.append(f"layer {n}: ptq deltas missing or not one number per option")
+        if not (isinstance(cost, dict) and all(isinstance(cost.get(k), (int, bool)) for k in
+                                               ("macs", "params", "input_signed")) and "kind" in cost):
+            out.append(f"layer {n}: costs missing or malformed")
+    return out
 
 
 def options_of(table: dict) -> dict[str, list[tuple[int, int]]]:
@@ -135,6 +167,8 @@ def oracle_policy_file(table_path: str | Path, budget: Budget, kind: str = "ptq"
     """Write the oracle's best / worst / a random feasible policy for the budget; return (path, policy, facts)."""
     if pick not in PICKS:
         raise AsgaError(f"--pick {pick!r} unknown; choose one of {', '.join(PICKS)}")
+    check_name(name, "--name")
+    check_int("--seed", seed, 0, SEED_MAX)
     table = load_table(table_path)
     method = "sensitivity" if pick == "best" else f"sensitivity-{pick}"
     stem = name or artifact_stem(table["model"], method, budget.tag(), table["target"],

@@ -16,6 +16,21 @@ from .targets import BITS_RANGE, TARGETS, get_target
 
 SCHEMA = "asga-policy/1"
 SCHEMA_VERSION = 1
+KEYS = ("schema", "model", "target", "layers", "float_layers", "cost", "deploy", "provenance")
+LAYER_KEYS = ("weight_bits", "act_bits", "act_signed")
+
+
+def _cost_problems(cost: dict) -> list[str]:
+    """Return what is wrong with the fields of a policy's cost record that code reads (shape, classes)."""
+    out = []
+    shape = cost.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)):
+        out.append(f"cost.input_shape {shape!r} must be [channels, height, width] of positive integers")
+    classes = cost.get("num_classes")
+    if classes is not None and not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 1):
+        out.append(f"cost.num_classes {classes!r} must be a positive integer")
+    return out
 
 
 @dataclass(frozen=True)
@@ -71,11 +86,18 @@ class Policy:
             raise PolicyError(f"{source}: schema {schema!r} is newer than this asga-deploy reads ({SCHEMA!r}); "
                               "upgrade asga-deploy")
         problems = []
+        unknown = [k for k in d if k not in KEYS]
+        if unknown:  # a misspelt key would otherwise be ignored without a word
+            problems.append(f"unknown key(s) {', '.join(map(repr, unknown))} (a policy has {', '.join(KEYS)})")
         for key, typ in (("model", str), ("target", str), ("layers", dict)):
             if not isinstance(d.get(key), typ):
                 problems.append(f"'{key}' missing or not a {typ.__name__}")
+        for key in ("cost", "provenance", "deploy"):
+            if key in d and not isinstance(d[key], dict):
+                problems.append(f"'{key}' must be an object")
         if problems:
             raise PolicyError(f"{source}: " + "; ".join(problems))
+        problems += _cost_problems(d.get("cost") or {})
         if d["target"] not in TARGETS:
             problems.append(f"target {d['target']!r} unknown (choose {', '.join(TARGETS)})")
         layers = {}
@@ -83,6 +105,10 @@ class Policy:
             if not isinstance(spec, dict):
                 problems.append(f"layer {name}: not an object")
                 continue
+            extra = [k for k in spec if k not in LAYER_KEYS]
+            if extra:
+                problems.append(f"layer {name}: unknown key(s) {', '.join(map(repr, extra))} (a layer has "
+                                f"{', '.join(LAYER_KEYS)})")
             w, a, s = spec.get("weight_bits"), spec.get("act_bits"), spec.get("act_signed")
             bad = [k for k, v in (("weight_bits", w), ("act_bits", a)) if not isinstance(v, int) or isinstance(v, bool)]
             if not isinstance(s, bool):
@@ -105,11 +131,17 @@ class Policy:
         """Read a policy file; raise PolicyError if it is missing, not JSON or malformed."""
         path = Path(path)
         if not path.is_file():
-            raise PolicyError(f"policy file {path} does not exist")
+            raise PolicyError(f"policy file {path} does not exist" if not path.exists() else
+                              f"{path} is a folder, not a policy file; give the path of a policies/*.json file")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PolicyError(f"{path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise PolicyError(f"{path} is not a policy: its JSON is nested too deeply to read (a policy is "
+                              "three levels deep); write it with `asga search` or `asga policy uniform`") from None
+        except OSError as e:
+            raise PolicyError(f"policy file {path} cannot be read: {e.strerror or e}") from None
         return cls.from_dict(d, str(path))
 
     def save(self, path: str | Path, force: bool = False) -> Path:
@@ -133,6 +165,25 @@ class Policy:
                 fb = f"W{b.weight_bits}A{b.act_bits}" if b else ("float" if n in other.float_layers else "absent")
                 out.append(f"{n} ({fa} vs {fb})")
         return out
+
+
+def costs_at(model: nn.Module, input_shape, name: str, what: str = "the") -> dict[str, LayerCost]:
+    """Return layer_costs(model, input_shape); raise PolicyError when the model cannot run on that shape."""
+    try:
+        return layer_costs(model, tuple(input_shape))
+    except (RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise PolicyError(f"model {name} cannot run on {what} inputs of shape {list(input_shape)} ({first}); "
+                          "use a larger input size or the channel count the model was made for") from None
+
+
+def compare(a: str | Path, b: str | Path) -> list[str]:
+    """Return the layers whose bits differ between two policy files; refuse policies of different models."""
+    pa, pb = Policy.load(a), Policy.load(b)
+    if pa.model != pb.model:
+        raise PolicyError(f"{a} is for model {pa.model} and {b} for model {pb.model}: layer names of different "
+                          "models cannot be compared; diff two policies of the same model")
+    return pa.diff(pb)
 
 
 def compute_cost(policy: Policy, costs: dict[str, LayerCost], input_shape, num_classes: int,
@@ -183,7 +234,10 @@ def validate_policy(policy: Policy, model: nn.Module, source: str = "<policy>",
     known = set(names)
     if costs is None:
         shape = policy.cost.get("input_shape")
-        costs = layer_costs(model, shape) if shape else None
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if shape and first is not None:
+            check_policy_shape(policy, (first.in_channels, *shape[1:]), source)
+        costs = costs_at(model, shape, policy.model, f"{source}'s") if shape else None
     target = TARGETS.get(policy.target)
     for n in policy.layers:
         if n not in known:
@@ -217,7 +271,7 @@ def model_cost_table(model_name: str, num_classes: int = 10, in_chans: int | Non
     in_chans = in_chans or (1 if info.input_size <= 28 else 3)
     size = input_size or info.input_size
     model = create_model(model_name, num_classes=num_classes, in_chans=in_chans)
-    costs = layer_costs(model, (in_chans, size, size))
+    costs = costs_at(model, (in_chans, size, size), model_name)
     edges = set(edge_layers(model))
     return CostTable(costs, tuple(n for n in costs if n not in edges))
 
@@ -228,11 +282,16 @@ def uniform_policy(model_name: str, weight_bits: int, act_bits: int, target: str
     """Return the uniform W{w}A{a} policy of a registered model; edges ('w8a8' or 'float') for first/last."""
     info = model_info(model_name)
     tgt = get_target(target)
+    if edges not in ("w8a8", "float"):
+        raise PolicyError(f"--edges {edges!r} unknown: the first conv and classifier are 'w8a8' or 'float'")
+    for k, v in (("--num-classes", num_classes), ("--in-chans", in_chans), ("--input-size", input_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise PolicyError(f"{k} {v!r} must be a positive integer")
     if in_chans is None:
         in_chans = 1 if info.input_size <= 28 else 3
     size = input_size or info.input_size
     model = create_model(model_name, num_classes=num_classes, in_chans=in_chans)
-    costs = layer_costs(model, (in_chans, size, size))
+    costs = costs_at(model, (in_chans, size, size), model_name)
     excl = edge_layers(model)
     layers, floats = {}, []
     for n, c in costs.items():

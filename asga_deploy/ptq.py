@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import Subset
 
 from . import data
-from .checkpoint import load_model
+from .checkpoint import incomplete_note, load_model
 from .errors import CheckpointError
-from .evaluate import check_classes
+from .evaluate import check_channels, check_classes
 from .policy import Policy, check_policy_shape, validate_policy
 from .quant import apply_policy, calibrate
 
@@ -103,6 +103,7 @@ def evaluate_ptq(policy_path: str | Path, float_checkpoint: str | Path, dataset:
         raise CheckpointError(f"{float_checkpoint} does not record its dataset; pass --dataset")
     spec = data.dataset_spec(dataset, data_dir)
     check_classes(dataset, spec.num_classes, int(ckpt["num_classes"]), str(float_checkpoint))
+    check_channels(dataset, spec.in_chans, int(ckpt["in_chans"]), str(float_checkpoint), ckpt.get("dataset"))
     chans, size = int(ckpt["in_chans"]), int(ckpt.get("input_size") or spec.input_size)
     check_policy_shape(policy, (chans, size, size), str(policy_path))
     train = data.get_dataset(dataset, "train", data_dir, chans, size)
@@ -117,4 +118,4 @@ def evaluate_ptq(policy_path: str | Path, float_checkpoint: str | Path, dataset:
     ptq(model, policy, batches[:n_calib], batches[n_calib:] or batches)
     loss, top1 = loss_and_top1(model, data.make_loader(test, batch_size, shuffle=False, seed=0))
     return {"top1": top1, "loss": loss, "count": len(test), "dataset": dataset, "kind": "ptq",
-            "policy": str(policy_path), "float_checkpoint": str(float_checkpoint)}
+            "policy": str(policy_path), "float_checkpoint": str(float_checkpoint), "incomplete": incomplete_note(ckpt)}

@@ -29,16 +29,18 @@ from .checkpoint import (
     set_rng_state,
 )
 from .dist import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from .errors import OutputExistsError, TrainingDivergedError
+from .errors import CheckpointError, OutputExistsError, TrainingDivergedError
 from .evaluate import evaluate
-from .io import atomic_write_json, machine_info, provenance, versions
+from .io import atomic_write_json, check_name, check_writable, machine_info, provenance, versions
 from .models import create_model, model_info
 from .naming import safe_name
+from .policy import costs_at
 from .progress import Callback, ProgressEvent, emit
 from .quant import FakeQuantizer
+from .validate import check_int, check_recipe
 
 # options that may change between a run and its resumption without changing the result
-RESUME_FREE = frozenset({"workers", "device", "data_dir", "download", "out_dir", "run"})
+RESUME_FREE = frozenset({"workers", "device", "data_dir", "download", "out_dir", "run", "allow_incomplete"})
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,12 @@ class TrainConfig:
     def run_name(self) -> str:
         """Return the run folder name (given, or model-dataset)."""
         return self.run or safe_name(f"{self.model}-{self.dataset}")
+
+
+def check_outputs(ckpt_path: Path, report_path: Path) -> None:
+    """Raise AsgaError, before any data is read, when a run's checkpoint or report cannot be written there."""
+    for p in (ckpt_path, report_path):
+        check_writable(p, force=True)  # existence is prepare_run's question (--resume / --force)
 
 
 def seed_everything(seed: int) -> None:
@@ -238,6 +246,11 @@ def prepare_run(ckpt_path: Path, kind: str, config: dict, resume: bool, force: b
     """Return the checkpoint to resume from (or None to start fresh); refuse to overwrite without force."""
     if ckpt_path.exists() and resume:
         ckpt = load_checkpoint(ckpt_path, kind, allow_incomplete=True)
+        lost = [k for k, typ in (("optimizer", dict), ("scheduler", dict), ("rng", dict), ("epoch", int),
+                                 ("metrics", dict), ("config", dict)) if not isinstance(ckpt.get(k), typ)]
+        if lost:
+            raise CheckpointError(f"{ckpt_path} cannot be resumed: its {', '.join(lost)} entries are missing or "
+                                  "damaged; pass --force to start over")
         check_resume_config(ckpt.get("config", {}), config, ckpt_path, RESUME_FREE)
         return ckpt
     if ckpt_path.exists() and not force:
@@ -258,13 +271,21 @@ class TrainResult:
 def run_train(cfg: TrainConfig, resume: bool = False, force: bool = False,
               callback: Callback | None = None) -> TrainResult:
     """Train a float model; write <out>/<run>/float.pt every epoch and train.json at the end."""
+    check_name(cfg.run, "--run")
+    check_recipe(cfg.recipe())
     info = model_info(cfg.model)
     spec = data.dataset_spec(cfg.dataset, cfg.data_dir)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     ckpt_path, report_path = run_dir / "float.pt", run_dir / "train.json"
+    check_outputs(ckpt_path, report_path)
     state = prepare_run(ckpt_path, "float", asdict(cfg), resume, force)
     in_chans = cfg.in_chans or spec.in_chans
     size = cfg.input_size or (info.input_size if cfg.dataset == "imagefolder" else spec.input_size)
+    costs_at(create_model(cfg.model, spec.num_classes, in_chans), (in_chans, size, size), cfg.model,
+             f"{cfg.dataset}'s")
+    for k in ("train_limit", "test_limit", "exclude_proxy"):
+        if getattr(cfg, k) is not None:
+            check_int(f"--{k.replace('_', '-')}", getattr(cfg, k), 1)
     train_set, test_set = (data.get_dataset(cfg.dataset, s, cfg.data_dir, in_chans, size,
                                             augment=cfg.augment and s == "train", download=cfg.download)
                            for s in ("train", "test"))

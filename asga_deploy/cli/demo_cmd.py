@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import RichProgress, console, handle_errors
+from .common import SEED, RichProgress, console, handle_errors, number
 
 
 @app.command("demo")
@@ -16,12 +16,13 @@ from .common import RichProgress, console, handle_errors
 def demo(model: str = typer.Option("smallcnn", help="registered model name"),
          dataset: str = typer.Option("fashion-mnist", help="dataset name"),
          data_dir: Path = typer.Option(None, help="dataset folder (default: found automatically)"),
-         budget_bitops: float = typer.Option(0.125, help="BitOPs budget as a ratio of W8A8"),
-         proxy_size: int = typer.Option(1000, help="class-balanced proxy images for the search"),
-         train_epochs: int = typer.Option(3), search_epochs: int = typer.Option(15),
-         finetune_epochs: int = typer.Option(1),
+         budget_bitops: float = typer.Option(0.125, callback=number(0, 1, lo_open=True),
+                                             help="BitOPs budget as a ratio of W8A8, in (0, 1]"),
+         proxy_size: int = typer.Option(1000, min=1, help="class-balanced proxy images for the search"),
+         train_epochs: int = typer.Option(3, min=1), search_epochs: int = typer.Option(15, min=1),
+         finetune_epochs: int = typer.Option(1, min=1),
          target: str = typer.Option("ort", help="sim | ort | tensorrt"),
-         seed: int = typer.Option(0), out: Path = typer.Option(Path("export/demo"), help="output folder"),
+         seed: int = typer.Option(0, **SEED), out: Path = typer.Option(Path("export/demo"), help="output folder"),
          redo: bool = typer.Option(False, "--redo", help="recompute every step instead of reusing results")):
     """Train, search (ASGA), fine-tune, export and time the default model; writes OUT/report.md."""
     from ..demo import DemoConfig, run_demo

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import console, handle_errors
+from .common import choice, console, handle_errors
 
 policy_app = typer.Typer(no_args_is_help=True, help="Inspect, validate, compare and create policy files.")
 app.add_typer(policy_app, name="policy")
@@ -26,12 +26,11 @@ def _model_for(policy, model: str | None, in_chans: int | None):
 @handle_errors
 def show(path: Path = typer.Argument(..., help="policy JSON file")):
     """Show a table of layers, bits, MACs and share of BitOPs."""
-    from ..cost import layer_costs
-    from ..policy import Policy
+    from ..policy import Policy, costs_at
 
     pol = Policy.load(path)
     model, shape = _model_for(pol, None, None)
-    costs = layer_costs(model, shape)
+    costs = costs_at(model, shape, pol.model, f"{path}'s")
     excluded = set(pol.cost.get("excluded", []))
     total = sum(costs[n].bitops(b.weight_bits, b.act_bits) for n, b in pol.layers.items()
                 if n in costs and n not in excluded) or 1
@@ -58,7 +57,7 @@ def show(path: Path = typer.Argument(..., help="policy JSON file")):
 @handle_errors
 def validate(path: Path = typer.Argument(..., help="policy JSON file"),
              model: str = typer.Option(None, "--model", "-m", help="model name (default: the policy's)"),
-             in_chans: int = typer.Option(None, help="input channels (default: from the policy's cost)")):
+             in_chans: int = typer.Option(None, min=1, help="input channels (default: from the policy's cost)")):
     """Check a policy against a model and its target; report every problem at once."""
     from ..policy import Policy, validate_policy
 
@@ -80,10 +79,10 @@ def validate(path: Path = typer.Argument(..., help="policy JSON file"),
 @policy_app.command("diff")
 @handle_errors
 def diff(a: Path, b: Path):
-    """List the layers whose bits differ between two policies."""
-    from ..policy import Policy
+    """List the layers whose bits differ between two policies (of the same model)."""
+    from ..policy import compare
 
-    d = Policy.load(a).diff(Policy.load(b))
+    d = compare(a, b)
     for line in d:
         console.print(line)
     console.print(f"{len(d)} layer(s) differ")
@@ -95,13 +94,15 @@ def uniform(model: str = typer.Option("smallcnn", "--model", "-m"),
             weight_bits: int = typer.Option(..., "--w", help="weight bits of the searched layers"),
             act_bits: int = typer.Option(..., "--a", help="activation bits of the searched layers"),
             target: str = typer.Option("ort", help="sim | ort | tensorrt"),
-            num_classes: int = typer.Option(10), in_chans: int = typer.Option(None),
-            input_size: int = typer.Option(None),
-            edges: str = typer.Option("w8a8", help="first conv and classifier: w8a8 or float"),
+            num_classes: int = typer.Option(10, min=1), in_chans: int = typer.Option(None, min=1),
+            input_size: int = typer.Option(None, min=1),
+            edges: str = typer.Option("w8a8", callback=choice("w8a8", "float"),
+                                      help="first conv and classifier: w8a8 or float"),
             out: Path = typer.Option(None, help="output file (default policies/<model>-w<W>a<A>.json)"),
             force: bool = typer.Option(False, "--force")):
     """Write the uniform W<w>A<a> policy of a model (first conv and classifier at 8 bits by default)."""
     from ..errors import PolicyError
+    from ..io import check_writable
     from ..naming import uniform_stem
     from ..policy import uniform_policy
     from ..targets import BITS_RANGE, get_target
@@ -110,7 +111,8 @@ def uniform(model: str = typer.Option("smallcnn", "--model", "-m"),
     for k, v in (("--w", weight_bits), ("--a", act_bits)):
         if not BITS_RANGE[0] <= v <= BITS_RANGE[1]:
             raise PolicyError(f"{k} {v} outside {BITS_RANGE[0]}..{BITS_RANGE[1]}")
+    path = check_writable(out or Path("policies") / f"{uniform_stem(model, weight_bits, act_bits, target)}.json",
+                          force)
     pol = uniform_policy(model, weight_bits, act_bits, target, num_classes, in_chans, input_size, edges)
-    path = out or Path("policies") / f"{uniform_stem(model, weight_bits, act_bits, target)}.json"
     pol.save(path, force=force)
     console.print(f"wrote {path}: {100 * pol.cost['bitops_vs_w8a8']:.2f}% of W8A8 BitOPs")

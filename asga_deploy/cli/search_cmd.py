@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import RichProgress, console, handle_errors
+from .common import SEED, RichProgress, choice, console, handle_errors, number
 
 
 def _bits(text: str, what: str) -> tuple[int, ...]:
@@ -42,30 +42,40 @@ def search(
                                      "for --method supernet"),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="proxy dataset: fashion-mnist, cifar10, fake, "
                                        "...; required for --method supernet"),
-    method: str = typer.Option("supernet", "--method", help="supernet (the ASGA search, --objective) | "
+    method: str = typer.Option("supernet", "--method", callback=choice("supernet", "sensitivity"),
+                               help="supernet (the ASGA search, --objective) | "
                                "sensitivity (exact best policy of an `asga sensitivity` table)"),
     sensitivity: Path | None = typer.Option(None, "--sensitivity", help="--method sensitivity: the table "
                                             "(sensitivity.json of `asga sensitivity`)"),
-    oracle: str = typer.Option("ptq", "--oracle", help="--method sensitivity: ptq | finetune | hessian"),
-    pick: str = typer.Option("best", "--pick", help="--method sensitivity: best | worst | random (seeded by --seed)"),
-    subset: int | None = typer.Option(None, "--subset", help="class-balanced proxy of N images"),
-    fraction: float | None = typer.Option(None, "--fraction", help="proxy as a fraction of the train split"),
-    budget_bitops: float | None = typer.Option(None, "--budget-bitops",
+    oracle: str = typer.Option("ptq", "--oracle", callback=choice("ptq", "finetune", "hessian"),
+                               help="--method sensitivity: ptq | finetune | hessian"),
+    pick: str = typer.Option("best", "--pick", callback=choice("best", "worst", "random"),
+                             help="--method sensitivity: best | worst | random (seeded by --seed)"),
+    subset: int | None = typer.Option(None, "--subset", min=1, help="class-balanced proxy of N images"),
+    fraction: float | None = typer.Option(None, "--fraction", callback=number(0, 1, lo_open=True),
+                                          help="proxy as a fraction of the train split"),
+    budget_bitops: float | None = typer.Option(None, "--budget-bitops", callback=number(0, lo_open=True),
                                                help="hard budget: BitOPs as a ratio of W8A8, in (0, 1]"),
-    budget_gbitops: float | None = typer.Option(None, "--budget-gbitops", help="hard budget: absolute GBitOPs (1e9)"),
-    budget_weight_mb: float | None = typer.Option(None, "--budget-weight-mb", help="hard budget on weight MB"),
-    lam: float = typer.Option(0.0, "--lambda", help="soft budget lambda (no hard budget), or initial lambda"),
-    k_p: float = typer.Option(2.0, "--k-p", help="budget controller: proportional gain on e = C/T - 1"),
-    eta: float = typer.Option(0.1, "--eta", help="budget controller: integral gain (per step)"),
-    lam_max: float = typer.Option(10.0, "--lam-max", help="budget controller: clamp of the integral"),
-    freeze_frac: float = typer.Option(0.15, "--freeze-frac", help="freeze the logits for this last fraction of "
+    budget_gbitops: float | None = typer.Option(None, "--budget-gbitops", callback=number(0, lo_open=True),
+                                                help="hard budget: absolute GBitOPs (1e9)"),
+    budget_weight_mb: float | None = typer.Option(None, "--budget-weight-mb", callback=number(0, lo_open=True),
+                                                  help="hard budget on weight MB"),
+    lam: float = typer.Option(0.0, "--lambda", callback=number(0),
+                              help="soft budget lambda (no hard budget), or initial lambda"),
+    k_p: float = typer.Option(2.0, "--k-p", callback=number(0),
+                              help="budget controller: proportional gain on e = C/T - 1"),
+    eta: float = typer.Option(0.1, "--eta", callback=number(0), help="budget controller: integral gain (per step)"),
+    lam_max: float = typer.Option(10.0, "--lam-max", callback=number(0),
+                                  help="budget controller: clamp of the integral"),
+    freeze_frac: float = typer.Option(0.15, "--freeze-frac", callback=number(0, 1, hi_open=True),
+                                      help="freeze the logits for this last fraction of "
                                       "the steps (the weights keep training)"),
     start_at_budget: bool = typer.Option(True, "--start-at-budget/--no-start-at-budget",
                                          help="start the logits with a cost bias that puts C(alpha_0) at the budget"),
     objective: str = typer.Option("asga", "--objective", help="asga | sam-align | sam | erm"),
-    epochs: int = typer.Option(15, "--epochs"),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    seed: int = typer.Option(0, "--seed"),
+    epochs: int = typer.Option(15, "--epochs", min=1),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed", **SEED),
     target: str = typer.Option("sim", "--target", help="sim | ort | tensorrt (narrows the candidates)"),
     weight_bits: str = typer.Option("2,3,4,6,8", "--weight-bits", help="candidate weight bit-widths"),
     act_bits: str = typer.Option("2,3,4,6,8", "--act-bits", help="candidate activation bit-widths"),
@@ -73,24 +83,29 @@ def search(
                                     help="drop (not lower) candidates the target cannot run"),
     search_edges: bool = typer.Option(False, "--search-edges", help="search the first conv and classifier too"),
     edge_bits: str = typer.Option("8", "--edge-bits", help="first conv / classifier in the policy: 8 | float"),
-    tol: float = typer.Option(0.03, "--tol", help="policy cost window [(1 - tol) T, T]"),
+    tol: float = typer.Option(0.03, "--tol", callback=number(0, 1, lo_open=True, hi_open=True),
+                              help="policy cost window [(1 - tol) T, T]"),
     rho_rule: str | None = typer.Option(None, "--rho-rule", show_default=False,
                                  help="rel | literal | fixed, for asga (sam, sam-align: fixed) [default: rel]"),
-    epsilon: float = typer.Option(0.1, "--epsilon", help="largest perturbation radius (rho_0)"),
-    rho_min: float = typer.Option(0.01, "--rho-min"),
-    gamma: float = typer.Option(0.001, "--gamma", help="SAGM alignment coefficient"),
-    lr: float = typer.Option(0.01, "--lr"),
-    alpha_lr: float = typer.Option(0.05, "--alpha-lr", help="logit learning rate (Adam), times tau by default"),
+    epsilon: float = typer.Option(0.1, "--epsilon", callback=number(0, lo_open=True),
+                                  help="largest perturbation radius (rho_0)"),
+    rho_min: float = typer.Option(0.01, "--rho-min", callback=number(0)),
+    gamma: float = typer.Option(0.001, "--gamma", callback=number(0), help="SAGM alignment coefficient"),
+    lr: float = typer.Option(0.01, "--lr", callback=number(0, lo_open=True)),
+    alpha_lr: float = typer.Option(0.05, "--alpha-lr", callback=number(0),
+                                   help="logit learning rate (Adam), times tau by default"),
     alpha_lr_rule: str = typer.Option("tau", "--alpha-lr-rule", help="tau (logit step alpha_lr * tau) | fixed"),
     perturb: str = typer.Option("latent", "--perturb", help="latent | quantized | asam: what the sharpness step "
                                 "perturbs"),
-    proxy_seed: int = typer.Option(0, "--proxy-seed", help="seed of the proxy subset, fixed across search seeds"),
-    heldout_fraction: float = typer.Option(0.2, "--heldout-fraction", help="--alpha-data heldout: its share"),
-    tau_end: float = typer.Option(0.01, "--tau-end"),
+    proxy_seed: int = typer.Option(0, "--proxy-seed", **SEED,
+                                   help="seed of the proxy subset, fixed across search seeds"),
+    heldout_fraction: float = typer.Option(0.2, "--heldout-fraction", callback=number(0, 1, True, True),
+                                           help="--alpha-data heldout: its share"),
+    tau_end: float = typer.Option(0.01, "--tau-end", callback=number(0, lo_open=True)),
     alpha_data: str = typer.Option("same", "--alpha-data", help="same | heldout (first-order bi-level)"),
     float_ckpt: Path | None = typer.Option(None, "--float", help="init from a float checkpoint (asga train)"),
     weights: str | None = typer.Option(None, "--weights", help="torchvision: pretrained backbone, new head"),
-    cost_input_size: int | None = typer.Option(None, "--cost-input-size", help="MACs at this (target) size"),
+    cost_input_size: int | None = typer.Option(None, "--cost-input-size", min=1, help="MACs at this (target) size"),
     allow_diagnostics: bool = typer.Option(False, "--allow-diagnostics",
                                            help="write the policy even when the diagnostics fail"),
     out: Path = typer.Option(Path("policies"), "--out", help="folder of the policy file"),
@@ -98,15 +113,16 @@ def search(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="checkpoint folder (default runs/search/...)"),
     data_dir: Path | None = typer.Option(None, "--data-dir"),
     download: bool = typer.Option(False, "--download"),
-    workers: int = typer.Option(0, "--workers"),
+    workers: int = typer.Option(0, "--workers", min=0),
     force: bool = typer.Option(False, "--force", help="overwrite the policy / restart the run folder"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run folder's checkpoint"),
 ) -> None:
     """Search a mixed-precision policy and write policies/<model>-<method>-<budget tag>[-<target>].json."""
     from ..budget import Budget
     from ..errors import AsgaError
+    from ..search.config import check_search_outputs
     from ..search.proxy import proxy_data
-    from ..search.run import SearchConfig, run_search
+    from ..search.run import SearchConfig, default_run_dir, run_search
 
     if method == "sensitivity":
         from ..oracle import oracle_policy_file
@@ -122,8 +138,6 @@ def search(
                       f"{pol.cost['weight_bytes']:.0f}; predicted loss increase "
                       + ", ".join(f"{k} {v:+.4f}" for k, v in info["predicted"].items()))
         return
-    if method != "supernet":
-        raise AsgaError(f"--method {method!r} unknown; choose supernet or sensitivity")
     if model is None or dataset is None:
         raise AsgaError("--method supernet needs --model and --dataset")
     if float_ckpt is not None and weights is not None:
@@ -143,6 +157,7 @@ def search(
                        tau_end=tau_end, lr=lr, alpha_lr=alpha_lr, gamma=gamma, epsilon=epsilon, rho_min=rho_min,
                        rho_rule=rho_rule, alpha_data=alpha_data, init=init, cost_input_size=cost_input_size,
                        allow_diagnostics=allow_diagnostics)
+    check_search_outputs(out, run_dir or default_run_dir(cfg), name)  # before reading data or searching
     data = proxy_data(cfg, data_dir, download, workers)
     progress = RichProgress(keys=("loss", "gap", "rho", "cost", "train_loss", "expected_cost", "argmax_cost"))
     command = _command_line(ctx)

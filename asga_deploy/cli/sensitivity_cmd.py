@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import RichProgress, console, handle_errors, kv_table
+from .common import SEED, RichProgress, console, handle_errors, kv_table, number
 from .search_cmd import _bits
 
 
@@ -38,42 +38,50 @@ def sensitivity(
     act_bits: str = typer.Option("2,3,4,6,8", help="candidate activation bit-widths"),
     reference: str = typer.Option(None, help="reference W,A (default: the smallest uniform WbAb at or above "
                                   "--budget-bitops, else 3,3)"),
-    budget_bitops: float = typer.Option(None, "--budget-bitops", help="only to choose the default reference"),
-    images: int = typer.Option(2000, help="held-out training images the loss is measured on"),
-    calib_images: int = typer.Option(256, help="images that calibrate the activation step sizes"),
-    bn_images: int = typer.Option(1024, help="images that re-estimate BatchNorm statistics"),
-    finetune_steps: int = typer.Option(0, help="> 0: also the short-fine-tune oracle, with this many steps"),
-    finetune_warmup: int = typer.Option(200, help="steps of the reference before the single-layer changes"),
-    hessian_samples: int = typer.Option(4, help="Rademacher vectors per batch for the Hessian traces (0: skip)"),
-    seed: int = typer.Option(0, help="seed of the held-out images, fine-tune batches and probes"),
+    budget_bitops: float = typer.Option(None, "--budget-bitops", callback=number(0, 1, lo_open=True),
+                                        help="only to choose the default reference"),
+    images: int = typer.Option(2000, min=1, help="held-out training images the loss is measured on"),
+    calib_images: int = typer.Option(256, min=1, help="images that calibrate the activation step sizes"),
+    bn_images: int = typer.Option(1024, min=1, help="images that re-estimate BatchNorm statistics"),
+    finetune_steps: int = typer.Option(0, min=0, help="> 0: also the short-fine-tune oracle, with this many steps"),
+    finetune_warmup: int = typer.Option(200, min=0, help="steps of the reference before the single-layer changes"),
+    hessian_samples: int = typer.Option(4, min=0,
+                                        help="Rademacher vectors per batch for the Hessian traces (0: skip)"),
+    seed: int = typer.Option(0, **SEED, help="seed of the held-out images, fine-tune batches and probes"),
     out: Path = typer.Option(None, help="output folder (default runs/sensitivity/<model>-<dataset>-w<W>a<A>)"),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="accept an interrupted float.pt"),
     force: bool = typer.Option(False, help="overwrite an existing table"),
 ):
     """Measure each searched layer's loss increase for every candidate (w, a): sensitivity.json + heatmap.png."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import incomplete_note, load_checkpoint
     from ..io import check_writable
     from ..naming import sensitivity_dir
     from ..oracle import write_table
     from ..sensitivity import SensitivityConfig, measure
+    from ..targets import get_target
 
     wb, ab = _bits(weight_bits, "weight-bits"), _bits(act_bits, "act-bits")
     ref = _reference(reference, budget_bitops, tuple(set(wb) & set(ab)) or wb)
-    ckpt = load_checkpoint(float_ckpt, "float", allow_incomplete)
-    folder = out or sensitivity_dir(ckpt["model_name"], dataset or ckpt.get("dataset", "data"), ref)
-    check_writable(folder / "sensitivity.json", force)  # before minutes of measuring
     cfg = SensitivityConfig(str(float_ckpt), dataset, str(data_dir) if data_dir else None, target, wb, ab, ref,
                             images, calib_images, bn_images, finetune_steps=finetune_steps,
                             finetune_warmup=finetune_warmup, hessian_samples=hessian_samples, seed=seed,
                             allow_incomplete=allow_incomplete)
+    cfg.check()
+    get_target(target)
+    ckpt = load_checkpoint(float_ckpt, "float", allow_incomplete)
+    folder = out or sensitivity_dir(ckpt["model_name"], dataset or ckpt.get("dataset", "data"), ref)
+    check_writable(folder / "sensitivity.json", force)  # before minutes of measuring
+    check_writable(folder / "heatmap.png", True)
     progress = RichProgress()
     try:
         table = measure(cfg, progress)
     finally:
         progress.close()
     path = write_table(table, folder, force)
+    note = incomplete_note(ckpt)
     console.print(kv_table(f"asga sensitivity {ckpt['model_name']} (reference W{ref[0]}A{ref[1]})", [
         ("table", str(path)), ("heatmap", str(folder / "heatmap.png")),
+        *([("float checkpoint", f"INCOMPLETE: {note} (accepted with --allow-incomplete)")] if note else []),
         ("reference loss / top-1", f"{table['loss_ref']:.4f} / {table['top1_ref']:.4f} on {images} held-out images"),
         ("oracles", ", ".join(k for k in ("ptq", "finetune", "hessian") if table.get(k) is not None)),
         ("next", f"asga search --method sensitivity --sensitivity {path} --budget-bitops R")]))

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import RichProgress, console, handle_errors, kv_table
+from .common import DEVICE, SEED, RichProgress, console, handle_errors, kv_table, number
 
 # what the progress bar (steps) and the per-epoch lines show
 KEYS = ("loss", "acc", "img/s", "train_loss", "train_top1", "test_top1")
@@ -26,11 +26,13 @@ def train(
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist, cifar10, imagefolder or fake"),
     epochs: int = typer.Option(3, min=1, help="epochs (3 give smallcnn 91% top-1 on Fashion-MNIST)"),
     batch_size: int = typer.Option(128, min=1, help="batch size per process"),
-    lr: float = typer.Option(0.1, help="peak learning rate (SGD, Nesterov, cosine decay)"),
-    weight_decay: float = typer.Option(5e-4, help="weight decay"),
+    lr: float = typer.Option(0.1, callback=number(0, lo_open=True),
+                             help="peak learning rate (SGD, Nesterov, cosine decay)"),
+    weight_decay: float = typer.Option(5e-4, callback=number(0), help="weight decay"),
     warmup_epochs: int = typer.Option(0, min=0, help="linear warm-up epochs"),
-    seed: int = typer.Option(0, help="seed of weights, data order and augmentation"),
-    run: str = typer.Option(None, "--run", "--name", help="run folder name (default: MODEL-DATASET); under torchrun write --name (torchrun takes --run for its --run-path)"),
+    seed: int = typer.Option(0, **SEED, help="seed of weights, data order and augmentation"),
+    run: str = typer.Option(None, "--run", "--name",
+                            help="run folder name (default: MODEL-DATASET); under torchrun write --name (torchrun takes --run for its --run-path)"),
     out: Path = typer.Option(Path("export"), help="parent folder of the run folder"),
     resume: bool = typer.Option(False, help="continue from the run's last checkpoint"),
     force: bool = typer.Option(False, help="overwrite an existing run"),
@@ -38,13 +40,14 @@ def train(
     download: bool = typer.Option(False, help="download the dataset if missing (needs internet)"),
     augment: bool = typer.Option(False, help="random crop + horizontal flip on the training split "
                                  "(helps long runs; slows 3-epoch runs down)"),
-    train_limit: int = typer.Option(None, help="train on a class-balanced subset of this many images"),
-    test_limit: int = typer.Option(None, help="evaluate on a class-balanced subset of this many images"),
-    exclude_proxy: int = typer.Option(None, help="leave out of training the N-image search proxy that `asga search "
+    train_limit: int = typer.Option(None, min=1, help="train on a class-balanced subset of this many images"),
+    test_limit: int = typer.Option(None, min=1, help="evaluate on a class-balanced subset of this many images"),
+    exclude_proxy: int = typer.Option(None, min=1,
+                                      help="leave out of training the N-image search proxy that `asga search "
                                       "--subset N --proxy-seed S` draws (a float init that never saw the proxy)"),
-    proxy_seed: int = typer.Option(0, help="the seed of the proxy left out by --exclude-proxy"),
+    proxy_seed: int = typer.Option(0, **SEED, help="the seed of the proxy left out by --exclude-proxy"),
     workers: int = typer.Option(0, min=0, help="data-loader worker processes"),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    device: str = typer.Option("auto", **DEVICE),
     bf16: bool = typer.Option(False, help="bfloat16 autocast (CUDA)"),
 ):
     """Train a float model: writes OUT/RUN/float.pt (every epoch) and OUT/RUN/train.json."""
@@ -75,10 +78,10 @@ def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="float.pt, finetuned.pt, model.onnx, or a policy .json with --ptq"),
     dataset: str = typer.Option(None, help="dataset (default: the one the checkpoint records)"),
     data_dir: Path = typer.Option(None, help="dataset folder"),
-    limit: int = typer.Option(None, help="evaluate the first N test images only"),
+    limit: int = typer.Option(None, min=1, help="evaluate the first N test images only"),
     batch_size: int = typer.Option(256, min=1),
     workers: int = typer.Option(0, min=0),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    device: str = typer.Option("auto", **DEVICE),
     ptq: bool = typer.Option(False, "--ptq", help="CHECKPOINT is a policy: quantize --float after training "
                              "(calibrate, re-estimate BatchNorm) and evaluate it"),
     float_ckpt: Path = typer.Option(None, "--float", help="--ptq: the float.pt the policy is applied to"),
@@ -105,6 +108,8 @@ def eval_cmd(
             progress.close()
     rows = [("kind", str(res["kind"])), ("dataset", str(res["dataset"])), ("images", str(res["count"])),
             ("top-1", f"{res['top1']:.4f}")]
+    if res.get("incomplete"):
+        rows.insert(0, ("checkpoint", f"INCOMPLETE: {res['incomplete']} (accepted with --allow-incomplete)"))
     if res.get("loss") is not None:  # ONNX evaluation reports accuracy only
         rows.append(("loss", f"{res['loss']:.4f}"))
     console.print(kv_table(f"asga eval {checkpoint}", rows))
