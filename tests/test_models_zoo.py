@@ -167,8 +167,8 @@ def _mixed_policy(name: str, target: str, chans: int, size: int):
 
 
 EXPORTS = {  # case: (model, w, a, target, in_chans, size, mixed)
-    "resnet20w05_w8a8_ort": ("resnet20-w0.5", 8, 8, "ort", 3, 32, False),
-    "mbv2w05_w8a8_ort_28": ("mobilenetv2-cifar-w0.5", 8, 8, "ort", 1, 28, False),
+    "resnet20w05_w7a8_ort": ("resnet20-w0.5", 8, 8, "ort", 3, 32, False),  # ort: 8-bit weights kept at 7
+    "mbv2w05_w7a8_ort_28": ("mobilenetv2-cifar-w0.5", 8, 8, "ort", 1, 28, False),
     "mbv2w05_mixed_ort_32": ("mobilenetv2-cifar-w0.5", 0, 0, "ort", 3, 32, True),
     "mbv2w05_w4a6_trt": ("mobilenetv2-cifar-w0.5", 4, 6, "tensorrt", 3, 32, False),
 }
@@ -222,22 +222,15 @@ def test_depthwise_convs_export_grouped_on_their_grid(exports, case):
         assert np.abs(codes.astype(np.int32)).max() <= 2 ** (pol.layers[layer].weight_bits - 1) - 1
 
 
-def test_resnet20_w05_runs_every_conv_on_integers_in_ort(exports):
-    rep, _, pol = exports["resnet20w05_w8a8_ort"]
-    k = rep["ort_integer_kernels"]["layers"]
-    assert all(k[n]["kernel"] == "QLinearConv" for n in pol.layers if n != "fc")
-
-
-def test_mobilenetv2_depthwise_convs_run_on_integers_in_ort(exports):
-    rep, _, pol = exports["mbv2w05_w8a8_ort_28"]
-    k = rep["ort_integer_kernels"]["layers"]
-    assert all(k[n]["kernel"] == "QLinearConv" for n in pol.layers if n.endswith("conv_dw"))
-
-
-@pytest.mark.xfail(reason="quant/residual.py + export: a signed linear-bottleneck output that feeds both the "
-                          "next block's conv_pw (tied 8-bit input, emitted as a 2nd identical Q/DQ pair) and "
-                          "the residual Add stays in float in ORT 1.32: the conv_pwl before it and that conv_pw "
-                          "run as float Conv, 6 of 7 Adds as float Add (seen on AVX512-VNNI)", strict=False)
-def test_mobilenetv2_runs_every_conv_on_integers_in_ort(exports):
-    rep, _, pol = exports["mbv2w05_w8a8_ort_28"]
-    assert rep["ort_integer_kernels"]["not_integer"] == ["fc"]
+@pytest.mark.parametrize("case", [c for c in EXPORTS if EXPORTS[c][3] == "ort"])
+def test_ort_runs_every_layer_on_integer_kernels_bit_identically(exports, case):
+    """Depthwise convs, signed linear-bottleneck outputs and the residual Adds they feed included."""
+    rep, _, pol = exports[case]
+    k = rep["ort_integer_kernels"]
+    assert set(k["layers"]) == set(pol.layers) and k["not_integer"] == [] and k["ops_not_integer"] == []
+    kernels = {n: v["kernel"] for n, v in k["layers"].items()}
+    assert kernels.pop("fc") == "QGemm" and set(kernels.values()) == {"QLinearConv"}
+    adds = [v["kernel"] for v in k["ops"].values() if v["op"] == "Add"]
+    assert adds == ["QLinearAdd"] * (9 if pol.model.startswith("resnet20") else 7)
+    p = rep["parity"]
+    assert p["bit_identical"] and p["max_abs_logit_diff"] == 0.0
