@@ -2,17 +2,25 @@
 
 Random weights (no hub access here); every quantized model is calibrated on the same random images.
 Two settings: batch 1 at 3x224x224 and batch 32 at 3x32x32 (each export is made at its input size).
-The four models of a setting are timed in one process, alternating in rounds (K runs each per round,
-order rotated every round), and compared by their medians: the machine is shared, so absolute times
-are noisy and the ratios are the result.
+The models of a setting are timed in one process, alternating in rounds (K runs each per round, order
+rotated every round), and compared by their medians: the machine is shared, so absolute times are noisy
+and the ratios are the result. Run it when the machine is quiet (it refuses above --max-load).
 
-    python benchmarks/ort_latency.py [--rounds 20 --runs 10 --threads 2]
+Our "W8A8" is the `ort` target's most precise uniform policy: 7-bit weights, 8-bit activations (8-bit
+weights saturate ONNX Runtime's U8S8 kernels on x86 CPUs without VNNI; ORT's quantizer calls the same
+remedy reduce_range). ORT's quantize_static is timed with its defaults (8-bit weights: exact only on
+VNNI CPUs) and with reduce_range=True (7-bit weights, the same exactness as ours). The mixed policy has
+2..6-bit activations and 2..6-bit weights in every searched layer. Each of our exports is also checked:
+every quantized Conv/Gemm on an integer kernel, and ORT's logits bit-identical to the integer reference.
+
+    python benchmarks/ort_latency.py [--rounds 20 --runs 10 --threads 2 --max-load 1.2]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import tempfile
 import time
@@ -26,25 +34,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asga_deploy.export.kernels import integer_kernels  # noqa: E402
 from asga_deploy.export.onnx_qdq import LoweringConfig, lower, prepare_model  # noqa: E402
-from asga_deploy.export.ort import session  # noqa: E402
+from asga_deploy.export.ort import cpu_isa, session  # noqa: E402
+from asga_deploy.export.reference import integer_reference  # noqa: E402
+from asga_deploy.export.units import find_units  # noqa: E402
 from asga_deploy.io import atomic_write_json, git_commit, machine_info, versions  # noqa: E402
 from asga_deploy.models import create_model  # noqa: E402
 from asga_deploy.policy import LayerBits, Policy, uniform_policy  # noqa: E402
 from asga_deploy.quant import apply_policy, calibrate  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "ort_latency.json"
+MIXED = ((4, 4), (3, 3), (5, 6), (2, 5), (6, 2), (4, 6), (3, 5), (5, 3), (6, 4))  # (w, a), cycled
 
 
 def mixed_policy(base: Policy) -> Policy:
-    """A mixed policy: weights 8/6/4 bits in turn, 8-bit activations, 6-bit activations in layer4."""
+    """A mixed policy: every searched layer (not the first conv or the classifier) at W2..6 / A2..6, cycled."""
     pol = copy.deepcopy(base)
     edges = set(base.cost.get("excluded", []))
-    for i, (n, b) in enumerate(list(pol.layers.items())):
-        if n in edges:
-            continue
-        w = (8, 6, 4)[i % 3]
-        a = 6 if n.startswith("layer4") and "downsample" not in n else 8
-        pol.layers[n] = LayerBits(w, a, b.act_signed)
+    for i, n in enumerate(n for n in list(pol.layers) if n not in edges):
+        w, a = MIXED[i % len(MIXED)]
+        pol.layers[n] = LayerBits(w, a, pol.layers[n].act_signed)
     return pol
 
 
@@ -66,7 +74,7 @@ def export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
 
-def ort_quantize(fp32: Path, out: Path, batches: list[torch.Tensor]) -> None:
+def ort_quantize(fp32: Path, out: Path, batches: list[torch.Tensor], reduce_range: bool) -> None:
     """ORT's own quantize_static: QDQ, per-channel weights, U8 activations / S8 weights."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -81,22 +89,30 @@ def ort_quantize(fp32: Path, out: Path, batches: list[torch.Tensor]) -> None:
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 def our_export(float_model: torch.nn.Module, policy: Policy, size: int, path: Path,
-               batches: list[torch.Tensor]) -> None:
-    """apply_policy (with ORT's deploy quantizers) -> calibrate -> exact QDQ lowering."""
+               batches: list[torch.Tensor]) -> dict:
+    """apply_policy (with ORT's deploy quantizers) -> calibrate -> exact QDQ lowering; return the exactness check."""
     m = copy.deepcopy(float_model)
-    pol = copy.deepcopy(policy)
-    apply_policy(m, pol, validate=False)
+    apply_policy(m, policy, validate=False)
     calibrate(m, batches, len(batches))
-    proto, _ = lower(prepare_model(m), pol, LoweringConfig("ort"), (3, size, size), {})
+    ref = prepare_model(m, policy.target)
+    proto, _ = lower(ref, policy, LoweringConfig(policy.target), (3, size, size), {})
     path.write_bytes(proto.SerializeToString())
+    k = integer_kernels(path, 1)
+    float_ops = set(k["not_integer"]) | set(k["ops_not_integer"])
+    x = batches[0]
+    with torch.no_grad():
+        expect = integer_reference(ref, find_units(ref), float_ops)(x).numpy()
+    got = session(path, 1).run(None, {"input": x.numpy()})[0]
+    return {"bit_identical_to_integer_reference": bool(np.array_equal(got, expect)),
+            "max_abs_logit_diff": float(np.abs(got - expect).max()), "float_ops": sorted(float_ops)}
 
 
 def time_alternating(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, runs: int) -> dict:
-    """Time the models in alternating rounds; return median/p90 ms and counts per model."""
+    """Time the models in alternating rounds; return median/p10/p90 ms and counts per model."""
     sessions = {k: session(p, threads) for k, p in paths.items()}
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up
@@ -114,12 +130,27 @@ def time_alternating(paths: dict[str, Path], x: np.ndarray, threads: int, rounds
                 "p90_ms": float(np.percentile(v, 90)), "n": len(v)} for k, v in times.items()}
 
 
-def fused_convs(path: Path, threads: int) -> dict:
-    """Return how many quantized Conv/Gemm layers ORT turned into integer kernels."""
-    k = integer_kernels(path, threads)
-    convs = {n: v for n, v in k["layers"].items() if "fc" not in n}
+def kernels(path: Path) -> dict:
+    """Return how many quantized Conv / Gemm layers ORT runs on integer kernels, and its pooling kernel."""
+    k = integer_kernels(path, 1)
+    convs = {n: v for n, v in k["layers"].items() if v["op"] == "Conv" and v["quantized"]}
+    gemms = {n: v for n, v in k["layers"].items() if v["op"] == "Gemm"}
+    ops = k["optimized_ops"]
     return {"convs_integer": sum(v["integer"] for v in convs.values()), "convs": len(convs),
-            "not_integer": k["not_integer"], "optimized_ops": k["optimized_ops"]}
+            "gemm": "+".join(v["kernel"] for v in gemms.values()) or "absent",
+            "pooling": "QLinearGlobalAveragePool" if ops.get("QLinearGlobalAveragePool") else "GlobalAveragePool",
+            "not_integer": k["not_integer"], "optimized_ops": ops}
+
+
+def wait_for_quiet(max_load: float, patience_s: int) -> float:
+    """Wait until the 1-minute load average is below max_load (other jobs share the machine); return it."""
+    t0 = time.time()
+    while (load := os.getloadavg()[0]) >= max_load:
+        if time.time() - t0 > patience_s:
+            raise SystemExit(f"load {load:.2f} stayed above {max_load} for {patience_s} s: timing would be noise")
+        log(f"load {load:.2f} >= {max_load}: waiting")
+        time.sleep(30)
+    return load
 
 
 def main() -> None:
@@ -127,61 +158,81 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-load", type=float, default=1.2)
+    ap.add_argument("--patience", type=int, default=3600, help="seconds to wait for a quiet machine")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     float_model = create_model("resnet18", num_classes=1000, in_chans=3).eval()
-    results, settings = {}, [("b1_224", 1, 224), ("b32_32", 32, 32)]
+    results, loads, settings = {}, {}, [("b1_224", 1, 224), ("b32_32", 32, 32)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for key, batch, size in settings:
             batches = calib_batches(size)
             w8a8 = uniform_policy("resnet18", 8, 8, "ort", num_classes=1000, in_chans=3, input_size=size)
-            paths = {k: tmp / f"{key}_{k}.onnx" for k in ("fp32", "ort_quantize_static", "ours_w8a8", "ours_mixed")}
-            log(f"{key}: exporting fp32 and ORT quantize_static")
+            names = ("fp32", "ort_quantize_static", "ort_quantize_static_reduce_range", "ours_w8a8", "ours_mixed")
+            paths = {k: tmp / f"{key}_{k}.onnx" for k in names}
+            log(f"{key}: exporting fp32 and ORT quantize_static (default and reduce_range)")
             export_fp32(float_model, size, paths["fp32"])
-            ort_quantize(paths["fp32"], paths["ort_quantize_static"], batches)
-            log(f"{key}: our W8A8 export (apply_policy, calibrate, lower)")
-            our_export(float_model, w8a8, size, paths["ours_w8a8"], batches)
-            log(f"{key}: our mixed export")
-            our_export(float_model, mixed_policy(w8a8), size, paths["ours_mixed"], batches)
-            log(f"{key}: timing {args.rounds} rounds x {args.runs} runs, alternating")
+            ort_quantize(paths["fp32"], paths["ort_quantize_static"], batches, False)
+            ort_quantize(paths["fp32"], paths["ort_quantize_static_reduce_range"], batches, True)
+            log(f"{key}: our W8A8 (ort: 7-bit weights) and mixed exports, with their exactness check")
+            exact = {"ours_w8a8": our_export(float_model, w8a8, size, paths["ours_w8a8"], batches),
+                     "ours_mixed": our_export(float_model, mixed_policy(w8a8), size, paths["ours_mixed"], batches)}
+            loads[key] = wait_for_quiet(args.max_load, args.patience)
+            log(f"{key}: timing {args.rounds} rounds x {args.runs} runs, alternating (load {loads[key]:.2f})")
             x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
             timing = time_alternating(paths, x, args.threads, args.rounds, args.runs)
+            loads[key + "_after"] = os.getloadavg()[0]
             med = {k: v["median_ms"] for k, v in timing.items()}
             results[key] = {"batch": batch, "input": [3, size, size], "timing": timing,
                             "ratios": {"ours_w8a8_vs_ort_quantize_static": med["ours_w8a8"] / med["ort_quantize_static"],
+                                       "ours_w8a8_vs_ort_quantize_static_reduce_range":
+                                           med["ours_w8a8"] / med["ort_quantize_static_reduce_range"],
+                                       "ours_mixed_vs_ours_w8a8": med["ours_mixed"] / med["ours_w8a8"],
                                        "ours_w8a8_vs_fp32": med["ours_w8a8"] / med["fp32"],
-                                       "ort_quantize_static_vs_fp32": med["ort_quantize_static"] / med["fp32"],
-                                       "ours_mixed_vs_fp32": med["ours_mixed"] / med["fp32"]},
-                            "integer_kernels": {k: fused_convs(paths[k], args.threads)
-                                                for k in ("ort_quantize_static", "ours_w8a8", "ours_mixed")},
+                                       "ours_mixed_vs_fp32": med["ours_mixed"] / med["fp32"],
+                                       "ort_quantize_static_vs_fp32": med["ort_quantize_static"] / med["fp32"]},
+                            "integer_kernels": {k: kernels(paths[k]) for k in names[1:]},
+                            "exactness": exact,
                             "mixed_policy": {n: [b.weight_bits, b.act_bits]
                                              for n, b in mixed_policy(w8a8).layers.items()}}
-    head = results["b1_224"]["ratios"]
+    r = {k: v["ratios"] for k, v in results.items()}
+    isa = cpu_isa()
     report = {"benchmark": "ort_latency", "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "git_commit": git_commit(), "command": "python " + " ".join(sys.argv),
-              "machine": machine_info(), "versions": versions(),
+              "machine": {**machine_info(), "isa": isa, "load_avg_1min": loads}, "versions": versions(),
               "settings": {"model": "torchvision resnet18, random weights, 1000 classes",
                            "calibration": "one batch of random-normal images (2 at 224, 8 at 32), the same for ORT and ours",
+                           "ours_w8a8": "uniform_policy('resnet18', 8, 8, 'ort'): 7-bit weights, 8-bit activations",
+                           "ours_mixed": f"searched layers cycle (w, a) through {list(MIXED)}; first conv and fc W7A8",
                            "threads": args.threads, "rounds": args.rounds, "runs_per_round": args.runs,
-                           "timing": "alternating rounds, order rotated per round; medians of all runs; "
-                                     "the machine was shared with other jobs (noisy)",
-                           "ratio_definition": "median latency of our W8A8 export / ORT quantize_static "
-                                               "(QDQ, per-channel, U8S8) at batch 1, 3x224x224",
-                           "targets": {"ours_w8a8_vs_ort_quantize_static": "<= 1.1", "ours_w8a8_vs_fp32": "<= 0.4"}},
-              "results": results, "ratio": head["ours_w8a8_vs_ort_quantize_static"],
-              "targets_met": {"ours_w8a8_vs_ort_quantize_static": head["ours_w8a8_vs_ort_quantize_static"] <= 1.1,
-                              "ours_w8a8_vs_fp32": head["ours_w8a8_vs_fp32"] <= 0.4,
-                              "every_conv_integer": all(
-                                  r["integer_kernels"]["ours_w8a8"]["convs_integer"] == r["integer_kernels"]["ours_w8a8"]["convs"]
-                                  for r in results.values())}}
-    atomic_write_json(OUT, report)
-    for key, r in results.items():
-        print(key, {k: round(v["median_ms"], 3) for k, v in r["timing"].items()},
-              {k: round(v, 3) for k, v in r["ratios"].items()},
-              {k: f"{v['convs_integer']}/{v['convs']}" for k, v in r["integer_kernels"].items()})
-    print("written", OUT)
+                           "timing": "alternating rounds, order rotated per round; medians of all runs; started "
+                                     f"only below a 1-minute load of {args.max_load} (the machine is shared)",
+                           "ratio_definition": "median latency of our W8A8 export / ORT quantize_static (QDQ, "
+                                               "per-channel, U8S8, defaults), worst of the two settings",
+                           "targets": {"ours_w8a8_vs_ort_quantize_static": "<= 1.0 at both settings",
+                                       "ours_mixed_vs_ours_w8a8": "<= 1.1"}},
+              "results": results,
+              "ratio": max(v["ours_w8a8_vs_ort_quantize_static"] for v in r.values()),
+              "targets_met": {
+                  "ours_w8a8_vs_ort_quantize_static": all(v["ours_w8a8_vs_ort_quantize_static"] <= 1.0 for v in r.values()),
+                  "ours_mixed_vs_ours_w8a8": all(v["ours_mixed_vs_ours_w8a8"] <= 1.1 for v in r.values()),
+                  "every_quantized_layer_integer": all(
+                      res["integer_kernels"][k]["convs_integer"] == res["integer_kernels"][k]["convs"]
+                      and res["integer_kernels"][k]["gemm"] == "QGemm"
+                      for res in results.values() for k in ("ours_w8a8", "ours_mixed")),
+                  "bit_identical": all(e["bit_identical_to_integer_reference"]
+                                       for res in results.values() for e in res["exactness"].values())}}
+    atomic_write_json(args.out, report)
+    for key, res in results.items():
+        print(key, {k: round(v["median_ms"], 3) for k, v in res["timing"].items()},
+              {k: round(v, 3) for k, v in res["ratios"].items()},
+              {k: f"{v['convs_integer']}/{v['convs']} {v['gemm']} {v['pooling']}" for k, v in res["integer_kernels"].items()})
+    print("CPU:", isa["kind"], "| targets met:", report["targets_met"])
+    print("written", args.out)
 
 
 if __name__ == "__main__":

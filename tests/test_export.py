@@ -95,6 +95,7 @@ def test_every_conv_the_classifier_adds_and_pooling_on_integer_kernels(exports, 
     kernels = {n: v["kernel"] for n, v in k["layers"].items()}
     assert kernels.pop("fc") == "QGemm" and set(kernels.values()) == {"QLinearConv"}
     assert {v["kernel"] for v in k["ops"].values()} <= {"QLinearAdd", "QLinearGlobalAveragePool"}
+    assert not {"Conv", "FusedConv", "MaxPool", "GlobalAveragePool"} & set(k["optimized_ops"])
     assert k["optimized_ops"].get("QLinearGlobalAveragePool") == 1
     assert "Relu" not in k["optimized_ops"] and "Gemm" not in k["optimized_ops"]
     if pol.model == "tinyresnet":
@@ -147,40 +148,48 @@ def test_activation_zero_points_types_and_clip_bounds(exports, case):
         assert zp.dtype == (np.int8 if target == "tensorrt" else np.uint8) and int(zp) in (0, 128)
         assert int(zp) == 0 or target != "tensorrt"
     checked = 0
-    for layer, bits in pol.layers.items():  # layer input: [Q8 -> DQ ->] [Clip ->] Q -> DQ -> layer
+    for layer, bits in pol.layers.items():  # layer input: Q -> [Clip on the codes ->] DQ, or [Clip ->] Q -> DQ
         (node,) = [n for n in proto.graph.node if n.name == layer]
         dq = _producer(proto, node.input[0])
-        q = _producer(proto, dq.input[0])
-        s, zp = float(consts[q.input[1]]), consts[q.input[2]]
-        unsigned = not bits.act_signed
-        assert int(zp) == (128 if bits.act_signed and target != "tensorrt" else 0)
-        clip = _producer(proto, q.input[0])
+        prev = _producer(proto, dq.input[0])
+        code_clip = prev if prev.op_type == "Clip" else None
+        q = _producer(proto, code_clip.input[0]) if code_clip else prev
+        assert q.op_type == "QuantizeLinear" and consts[q.input[1]] == consts[dq.input[1]]
+        s, shift = np.float32(consts[q.input[1]]), int(consts[q.input[2]])
+        assert shift == (128 if bits.act_signed and target != "tensorrt" else 0)
+        qmin, qmax = (0, 2**bits.act_bits - 1) if not bits.act_signed else \
+            (-(2 ** (bits.act_bits - 1)), 2 ** (bits.act_bits - 1) - 1)
+        float_clip = _producer(proto, q.input[0])
+        float_clip = float_clip if float_clip is not None and float_clip.op_type == "Clip" else None
         if bits.act_bits == 8:
-            assert clip is None or clip.op_type != "Clip"
+            assert code_clip is None and float_clip is None
             continue
-        assert clip.op_type == "Clip"
-        lo, hi = float(consts[clip.input[1]]), float(consts[clip.input[2]])
-        qmin, qmax = (0, 2**bits.act_bits - 1) if unsigned else (-(2 ** (bits.act_bits - 1)), 2 ** (bits.act_bits - 1) - 1)
-        assert lo == np.float32(s) * qmin and hi == np.float32(s) * qmax  # float32 products: Q maps them to qmin/qmax
+        if code_clip is not None:  # Q8 -> Clip(codes) -> DQ: after a conv, a pooling or an Add (fused units)
+            lo, hi = int(consts[code_clip.input[1]]), int(consts[code_clip.input[2]])
+            assert (lo, hi) == (qmin + shift, qmax + shift) and float_clip is None
+        else:  # Clip(float) -> Q: QuantizeLinear maps the float32 products s * qmin / s * qmax to qmin / qmax
+            lo, hi = float(consts[float_clip.input[1]]), float(consts[float_clip.input[2]])
+            assert lo == s * np.float32(qmin) and hi == s * np.float32(qmax)
         checked += 1
     assert checked or all(b.act_bits == 8 for b in pol.layers.values())
 
 
 @pytest.mark.parametrize("case", ["ort_mixed_resnet", "ort_mixed_dw"])
-def test_sub8bit_clip_never_follows_a_dequantize_of_another_scale(exports, case):
-    """The extra 8-bit pair goes only where a conv (or pooling) produces the Clip's input: after a DQ of another
-    scale ONNX Runtime would merge the two Q/DQ pairs and change values."""
+def test_sub8bit_requantization_on_codes_only_after_a_unit(exports, case):
+    """The b-bit clip goes on the 8-bit codes only where a conv, pooling or Add produces the value (its unit then
+    ends in that Q); after a DequantizeLinear of another scale it stays a float Clip before the Q (merging two
+    Q/DQ pairs of different scales would change values)."""
     _, proto, _ = exports[case]
-    consts = _consts(proto)
-    fused = 0
+    on_codes = in_float = 0
     for clip in [n for n in proto.graph.node if n.op_type == "Clip"]:
-        (q,) = _users(proto, clip.output[0])
         src = _producer(proto, clip.input[0])
-        if src is not None and src.op_type == "DequantizeLinear":
-            pair = _producer(proto, src.input[0])
-            if pair.op_type == "QuantizeLinear" and consts[pair.input[1]] == consts[q.input[1]]:
-                fused += _producer(proto, pair.input[0]).op_type in ("Conv", "Relu", "GlobalAveragePool")
-    assert fused >= 2
+        if src.op_type == "QuantizeLinear":
+            on_codes += 1
+            assert _producer(proto, src.input[0]).op_type in ("Conv", "Relu", "GlobalAveragePool", "Add")
+        else:
+            in_float += 1
+            assert src.op_type in ("DequantizeLinear", "MaxPool") or clip.input[0] == "input"
+    assert on_codes >= 2
 
 
 def test_ort_w8_records_the_session_option_and_ort_needs_none(exports):

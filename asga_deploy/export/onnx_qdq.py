@@ -39,7 +39,7 @@ from .graph import (  # noqa: F401
     prune,
     size_report,
 )
-from .units import mark_requant, quantize_pooling, relax_relu6, skip_requantization
+from .units import mark_requant, quantize_pooling, relax_relu6, share_quantizers
 
 INT4_OPSET = 21
 DEFAULT_OPSET = 17  # QDQ per-channel needs >= 13; 17 is inside TensorRT's parser range and fuses in ORT
@@ -135,7 +135,7 @@ def prepare_model(model: nn.Module, target: str = "ort", round_bias: bool = True
                     layer.bias.copy_(codes * grid)
     if tgt.quantized_pooling:
         quantize_pooling(m)
-    skip_requantization(m)
+    share_quantizers(m)
     if tgt.fused_requant:
         relax_relu6(m)
         mark_requant(m)

@@ -159,16 +159,56 @@ def _grid(q: FakeQuantizer) -> tuple:
     return float(q.step().detach().reshape(-1)[0]), q.qmin, q.qmax, q.signed
 
 
-def skip_requantization(model: nn.Module) -> list[str]:
-    """Mark each quantized layer whose input comes straight out of a quantizer of the same grid to skip its own
-    input quantizer; return their names.
+def _grid_consumer(model: nn.Module, node: torch.fx.Node) -> tuple[tuple, str] | None:
+    """Return (the grid, the quantizer's module name) a node applies first to its input, if it quantizes it."""
+    name = _quantizer_name(model, node)
+    if name is None or getattr(module_of(model, node), "input_on_grid", False):
+        return None
+    return _grid(model.get_submodule(name)), name
 
-    Exact (quantizing twice on one grid is quantizing once); the graph then has one Q/DQ pair there, not two
-    in a row (ONNX Runtime leaves some such doubled pairs unfused, e.g. signed ones feeding a conv and an Add).
+
+def share_quantizers(model: nn.Module) -> list[str]:
+    """Give every value one Q/DQ pair per grid: consumers that quantize it to the same grid share one quantizer
+    call, and a layer whose input comes straight out of a quantizer of its grid skips its own; return the layers
+    that skip theirs.
+
+    A max-pool of a quantizer's output gets that quantizer again after it. All exact (quantizing twice on one
+    grid is quantizing once). ONNX Runtime runs DequantizeLinear -> MaxPool -> QuantizeLinear on UINT8 only with
+    one Q of the same grid after the pool, and leaves some doubled pairs unfused.
     """
     graph = trace_model(model)
     if graph is None:
         return []
+    for node in list(graph.nodes):  # a max-pool of grid values stays on the grid: its one Q makes it a UINT8 op
+        src = node.args[0] if node.args else None
+        if isinstance(module_of(model, node), nn.MaxPool2d) and isinstance(src, torch.fx.Node) and isinstance(
+                q := module_of(model, src), FakeQuantizer) and not q.per_channel and node.users:
+            with graph.inserting_after(node):
+                again = graph.call_module(str(src.target), (node,))
+            node.replace_all_uses_with(again, delete_user_cb=lambda u, a=again: u is not a)
+    for node in list(graph.nodes):  # a quantizer right after one of its grid changes nothing
+        src = node.args[0] if node.args else None
+        q = module_of(model, node)
+        if isinstance(q, FakeQuantizer) and not q.per_channel and isinstance(src, torch.fx.Node) and isinstance(
+                p := module_of(model, src), FakeQuantizer) and not p.per_channel and _grid(p) == _grid(q):
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        groups: dict[tuple, list[tuple[torch.fx.Node, str]]] = {}
+        for u in node.users:
+            if u.args and u.args[0] is node and (g := _grid_consumer(model, u)) is not None:
+                groups.setdefault(g[0], []).append((u, g[1]))
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            with graph.inserting_after(node):
+                shared = graph.call_module(members[0][1], (node,))
+            for u, _ in members:
+                if isinstance(module_of(model, u), FakeQuantizer):
+                    u.replace_all_uses_with(shared)
+                    graph.erase_node(u)
+                else:
+                    u.replace_input_with(node, shared)
     done = []
     for node in graph.nodes:
         layer = module_of(model, node)
@@ -181,6 +221,8 @@ def skip_requantization(model: nn.Module) -> list[str]:
         if isinstance(q, FakeQuantizer) and not q.per_channel and _grid(q) == _grid(layer.input_quantizer):
             layer.input_on_grid = True
             done.append(str(node.target))
+    graph.lint()
+    install_forward(model, graph)
     return done
 
 

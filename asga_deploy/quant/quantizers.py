@@ -61,14 +61,15 @@ class _ActQDQ(torch.autograd.Function):
         zp = g.op("Constant", value_t=zp)
         lo8, hi8 = (-128, 127) if signed else (0, 255)
 
-        def qdq(v):
-            return g.op("DequantizeLinear", g.op("QuantizeLinear", v, s, zp), s, zp)
-
-        if requant8:
-            x = qdq(x)
-        if (qmin, qmax) != (lo8, hi8):  # the b-bit range in float: QuantizeLinear maps its ends to qmin / qmax
+        q = g.op("QuantizeLinear", x, s, zp) if requant8 else None
+        if (qmin, qmax) != (lo8, hi8) and requant8:  # the b-bit range on the 8-bit codes: an integer Clip
+            shift = 128 if (signed and signed_u8) else 0
+            code = torch.uint8 if (signed_u8 or not signed) else torch.int8
+            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin + shift, dtype=code)),
+                     g.op("Constant", value_t=torch.tensor(qmax + shift, dtype=code)))
+        elif (qmin, qmax) != (lo8, hi8):  # the b-bit range in float: QuantizeLinear maps its ends to qmin / qmax
             x = g.op("Clip", x, g.op("Constant", value_t=s32 * qmin), g.op("Constant", value_t=s32 * qmax))
-        return qdq(x)
+        return g.op("DequantizeLinear", q if q is not None else g.op("QuantizeLinear", x, s, zp), s, zp)
 
 
 class FakeQuantizer(nn.Module):
@@ -116,10 +117,10 @@ class FakeQuantizer(nn.Module):
 
         It divides by the step as QuantizeLinear does (torch's fake_quantize ops multiply by 1/s, which
         disagrees near rounding ties). Per tensor it lowers to [Clip ->] QuantizeLinear -> DequantizeLinear
-        on the 8-bit type of the same scale (every b-bit grid is a subset of it), with `requant8` first a
-        plain 8-bit Q/DQ pair (so that a conv before it ends in a Q and fuses into an integer kernel), and
-        with `signed_u8` a signed grid as UINT8 with zero point 128 (what ORT converts INT8 to on x86, which
-        it fails to do where the DequantizeLinear has several consumers, leaving those ops in float).
+        on the 8-bit type of the same scale (every b-bit grid is a subset of it); with `requant8` to
+        QuantizeLinear -> Clip (on the 8-bit codes) -> DequantizeLinear, so that a conv before it ends in a Q
+        and fuses into an integer kernel; with `signed_u8` a signed grid as UINT8 with zero point 128 (what ORT
+        converts INT8 to on x86, which it fails to do where the DQ has several consumers: those ops stay float).
         """
         s = self.step().detach()
         if self.per_channel:
