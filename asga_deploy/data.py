@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,11 +147,17 @@ def read_idx(path: str | Path) -> torch.Tensor:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
-        raise DatasetError(f"cannot read IDX file {path}: {e}") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a broken or cut gzip stream
+        raise DatasetError(f"{path} is damaged: it does not decompress ({e or type(e).__name__}); replace it "
+                           "(download it again, or reinstall dataset-fashion-mnist)") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read IDX file {path}: {e.strerror or e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DatasetError(f"{path} is not an IDX file of uint8 (bad magic {data[:4].hex()})")
+        raise DatasetError(f"{path} is not an IDX file of uint8 (bad magic {data[:4].hex()}); replace it")
     ndim = data[3]
+    if ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise DatasetError(f"{path} is truncated: its header needs {4 + 4 * ndim} bytes, the file holds "
+                           f"{len(data)}; replace it (download it again, or reinstall dataset-fashion-mnist)")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     n = 1
     for d in dims:
@@ -185,8 +192,11 @@ def _fashion_mnist(split: str, data_dir, download: bool) -> tuple[torch.Tensor, 
         img, lab = (_find_idx(folder, s) for s in _FMNIST_FILES[split])
         if img is not None and lab is not None:
             images, labels = read_idx(img), read_idx(lab)
-            if images.dim() != 3 or len(images) != len(labels):
+            if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels) or not len(labels):
                 raise DatasetError(f"{img} and {lab} do not form an image/label pair")
+            if int(labels.max()) >= 10:
+                raise DatasetError(f"{lab} holds label {int(labels.max())} outside Fashion-MNIST's 10 classes "
+                                   "0..9 (a damaged or foreign label file); replace it")
             return images.unsqueeze(1), labels.long()
     if download:
         import torchvision
@@ -290,6 +300,8 @@ def get_dataset(name: str, split: str, data_dir: str | Path | None = None, in_ch
             images, labels = _cifar10(split, data_dir, download)
         else:
             images, labels = _fake(name, split)
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < spec.num_classes:
+            raise DatasetError(f"dataset {name} ({split}) holds labels outside its {spec.num_classes} classes")
         _MEMORY[key] = (_resize(images, size), labels)
     images, labels = _MEMORY[key]
     return TensorImages(images, labels, spec, in_chans, augment)
