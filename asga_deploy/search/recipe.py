@@ -185,7 +185,7 @@ class SearchRecipe:
         """Run one search iteration at global step t; return its log record."""
         cfg, net = self.cfg, self.net
         t = epoch * self.data.steps_per_epoch + i
-        tau = temperature(t, self.total, cfg.tau_start, cfg.tau_end)
+        tau = self.tau(t)
         net.set_temperature(tau)
         lr = 0.5 * cfg.lr * (1.0 + math.cos(math.pi * t / self.total))  # cosine, a function of the step
         for g in self.w_opt.param_groups:
@@ -213,6 +213,12 @@ class SearchRecipe:
                 "alpha_lr": self.alpha_lr(tau), "frozen": frozen, "expected_cost": c_exp, "budget_use": use,
                 "argmax_cost": net.cost_ratio(am, self.metric),
                 "target_t": self.ratios[0] if self.limits else None, "images_per_s": len(x) / dt}
+
+    def tau(self, t: int) -> float:
+        """Return the temperature at step t: geometric from tau_start to tau_end over the steps before the
+        freeze, then held, so that the frozen logits keep ONE policy while the weights adapt to it."""
+        cfg = self.cfg
+        return temperature(min(t, self.freeze_step - 1), self.freeze_step, cfg.tau_start, cfg.tau_end)
 
     def alpha_lr(self, tau: float) -> float:
         """Return the logit learning rate at temperature tau (method.md section 2, revision 3)."""
@@ -264,17 +270,18 @@ class SearchRecipe:
     def diagnostics(self, choice: dict[str, tuple[int, int]], argmax: dict[str, tuple[int, int]]) -> dict:
         """Return the decision diagnostics of method.md section 6 (revision 3), measured where they mean something.
 
-        undecided: a choice whose two largest logits are closer than one epoch of nominal logit steps at the
-        last pre-freeze temperature (alpha_lr * tau per step): one more epoch could flip it. did not move: a
+        undecided: a choice whose two largest decision variables (alpha / tau + prior at the freeze) are closer
+        than one epoch of nominal logit steps (alpha_lr * tau per step, i.e. alpha_lr in alpha / tau): one more
+        epoch could flip it. did not move: a
         choice whose logits moved less than a tenth of the nominal movement before the freeze. unstable: the
         argmax changed in the last 10% of the steps before the freeze. far: the extraction differs from the
         argmax in more than one choice per 4 layers.
         """
-        cfg, steps = self.cfg, self.data.steps_per_epoch
-        epoch_move = steps * self.alpha_lr(temperature(max(self.freeze_step - 1, 0), self.total, cfg.tau_start,
-                                                       cfg.tau_end))
-        budget_move = sum(self.alpha_lr(temperature(t, self.total, cfg.tau_start, cfg.tau_end))
-                          for t in range(self.freeze_step))
+        steps = self.data.steps_per_epoch
+        tau_pf = self.tau(self.freeze_step - 1)
+        # one epoch of nominal logit steps, in the units of the decision variable alpha / tau at the freeze
+        epoch_move = steps * self.alpha_lr(tau_pf) / tau_pf
+        budget_move = sum(self.alpha_lr(self.tau(t)) for t in range(self.freeze_step))
         gaps, moves = logit_gaps(self.net), logit_moves(self.net, self.state["start_logits"])
         undecided = sum(g < epoch_move for g in gaps) / len(gaps)
         still = sum(m < 0.1 * budget_move for m in moves) / len(moves) if budget_move > 0 else 1.0
@@ -292,7 +299,7 @@ class SearchRecipe:
     def finish(self, out_dir: str | Path, name: str | None, force: bool) -> SearchResult:
         """Extract the policy that meets the budget, check the diagnostics, write the policy and its log."""
         cfg, net, state = self.cfg, self.net, self.state
-        net.set_temperature(temperature(self.total - 1, self.total, cfg.tau_start, cfg.tau_end))
+        net.set_temperature(self.tau(self.total - 1))
         argmax = net.argmax_choice()
         if self.budget is not None:
             choice, solve = extract(net, self.budget)

@@ -42,15 +42,24 @@ class _MixedMixin:
         sample = calibration_sample(calib_input)
         for q in self.aq:
             q.init_mse(sample)
+        # a cost prior added to alpha / tau (search/controller.start_at_budget): it shapes the start and does
+        # not grow as the temperature falls, so the learned logits, not the prior, decide the end policy
+        self.register_buffer("prior_w", torch.zeros(len(w_bits), device=dev))
+        self.register_buffer("prior_a", torch.zeros(len(a_bits), device=dev))
         self.register_buffer("w_bits_t", torch.tensor(w_bits, dtype=torch.float32, device=dev), persistent=False)
         self.register_buffer("a_bits_t", torch.tensor(a_bits, dtype=torch.float32, device=dev), persistent=False)
         self.tau = 1.0
         # --perturb quantized: keep the gradient of W_mix in pass 1, add the perturbation to it in pass 2
         self.capture_mix_grad, self.mix_grad, self.mix_offset = False, None, None
 
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the decision variables (alpha_w / tau + prior_w, alpha_a / tau + prior_a)."""
+        return self.alpha_w / self.tau + self.prior_w, self.alpha_a / self.tau + self.prior_a
+
     def probs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (softmax(alpha_w / tau), softmax(alpha_a / tau))."""
-        return F.softmax(self.alpha_w / self.tau, 0), F.softmax(self.alpha_a / self.tau, 0)
+        """Return (softmax(alpha_w / tau + prior_w), softmax(alpha_a / tau + prior_a))."""
+        zw, za = self.scores()
+        return F.softmax(zw, 0), F.softmax(za, 0)
 
     fused = True  # one autograd node per mixture (mixquant.py); False: the plain sum of FakeQuantizers
 
@@ -243,7 +252,7 @@ class Supernet(nn.Module):
 
     def argmax_choice(self) -> dict[str, tuple[int, int]]:
         """Return {layer: (w, a)} of the largest logits."""
-        return {n: (m.w_bits[int(m.alpha_w.argmax())], m.a_bits[int(m.alpha_a.argmax())])
+        return {n: (m.w_bits[int(m.scores()[0].argmax())], m.a_bits[int(m.scores()[1].argmax())])
                 for n, m in self.mixed_layers().items()}
 
     def cost_ratio(self, choice: dict[str, tuple[int, int]], metric: str = "bitops") -> float:
