@@ -134,8 +134,12 @@ def _finetune(model: nn.Module, batches, lr: float) -> nn.Module:
     return model
 
 
-def measure(cfg: SensitivityConfig, callback: Callback | None = None) -> dict:
-    """Return the sensitivity table (JSON-able) of a float checkpoint around the reference policy."""
+def measure(cfg: SensitivityConfig, callback: Callback | None = None, reuse: dict | None = None) -> dict:
+    """Return the sensitivity table (JSON-able) of a float checkpoint around the reference policy.
+
+    `reuse`: an earlier table of the same checkpoint, reference and options whose measured oracles are kept
+    (e.g. to add the short-fine-tune oracle to a post-training table without measuring that again).
+    """
     cfg.check()
     target = get_target(cfg.target)
     model, ckpt = load_model(cfg.float_checkpoint, "float", cfg.allow_incomplete)
@@ -169,9 +173,13 @@ def measure(cfg: SensitivityConfig, callback: Callback | None = None) -> dict:
     loss_ref, top1_ref = loss_and_top1(ref, evals)
     samples = _layer_inputs(ref, searched, calib)
     total = sum(len(o) for o in options.values())
-    table = {n: [] for n in searched}
+    same = reuse is not None and reuse.get("layers") == searched and reuse.get("reference") == list(cfg.reference) \
+        and reuse.get("options") == {n: [list(o) for o in opts] for n, opts in options.items()}
+    if reuse is not None and not same:
+        raise AsgaError("the table to reuse was measured with other layers, options or reference; measure anew")
+    table = {n: [] for n in searched} if not same else reuse["ptq"]
     done = 0
-    for n in searched:  # one layer changed at a time, the rest as calibrated for the reference
+    for n in (searched if not same else []):  # one layer changed at a time, the rest as calibrated for the reference
         layer = ref.get_submodule(n)
         bn_state = {k: v.clone() for k, v in ref.state_dict().items() if "running" in k or "num_batches" in k}
         for w, a in options[n]:
@@ -194,10 +202,13 @@ def measure(cfg: SensitivityConfig, callback: Callback | None = None) -> dict:
            "options": {n: [list(o) for o in opts] for n, opts in options.items()},
            "loss_ref": loss_ref, "top1_ref": top1_ref, "ptq": table, "finetune": None, "hessian": None,
            "config": json_safe(asdict(cfg)), "provenance": provenance(float_checkpoint=cfg.float_checkpoint)}
-    if cfg.hessian_samples:
+    if same:
+        out.update(hessian=reuse.get("hessian"), finetune=reuse.get("finetune"), loss_ref=reuse["loss_ref"],
+                   top1_ref=reuse["top1_ref"], time_s=reuse.get("time_s"))
+    if cfg.hessian_samples and out["hessian"] is None:
         h_batches = _batches(train, idx[:cfg.hessian_images], min(cfg.batch_size, cfg.hessian_images))
         out["hessian"] = hessian_table(model, searched, options, samples, h_batches, cfg)
-    if cfg.finetune_steps:
+    if cfg.finetune_steps and out["finetune"] is None:
         out["finetune"] = finetune_table(ref, train, idx, searched, options, ref_choice, samples, costs, evals,
                                          cfg, callback)
     return out

@@ -79,6 +79,43 @@ def setting_policies(root: Path, name: str, table: dict, budget: Budget, kinds: 
     return out
 
 
+def oracle_table(base: Path, dataset: str, args, finetune_steps: int) -> dict:
+    """Measure (or reuse) the setting's sensitivity table; add the short-fine-tune oracle when asked."""
+    tpath = base / "sensitivity" / "sensitivity.json"
+    old = load_table(tpath) if tpath.exists() else None
+    if old is not None and (not finetune_steps or old.get("finetune") is not None):
+        return old
+    log(f"sensitivity {base.name}" + (f" (short fine-tune oracle, {finetune_steps} steps)" if finetune_steps else ""))
+    t0 = time.perf_counter()
+    table = measure(SensitivityConfig(str(base / "float" / "float.pt"), dataset, target="ort",
+                                      weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits),
+                                      reference=(3, 3), images=args.oracle_images, finetune_steps=finetune_steps),
+                    reuse=old)
+    table["time_s"] = (old or {}).get("time_s") or time.perf_counter() - t0
+    if finetune_steps:
+        table["finetune"]["time_s"] = time.perf_counter() - t0
+    write_table(table, tpath.parent, force=True)
+    return table
+
+
+def prepare_setting(base: Path, dataset: str, model: str, bname: str, table: dict, float_top1: float) -> dict:
+    """Write the setting's policies, measure their post-training top-1 (cached); return the setting record."""
+    name, budget = f"{dataset}/{model}/{bname}", BUDGETS[bname]
+    kinds = [k for k in KINDS if table.get(k) is not None]
+    pols = setting_policies(base, name, table, budget, kinds)
+    ptq_path = base / f"ptq-{bname}.json"
+    ptq = json.loads(ptq_path.read_text()) if ptq_path.exists() else {}
+    for label, p in pols.items():
+        if label not in ptq:
+            ptq[label] = evaluate_ptq(p, base / "float" / "float.pt", dataset)["top1"]
+            atomic_write_json(ptq_path, ptq)
+    choices = {label: {n: (v["weight_bits"], v["act_bits"]) for n, v in json.loads(p.read_text())["layers"].items()
+                       if n in table["layers"]} for label, p in pols.items()}
+    return {"float_top1": float_top1, "policies": {k: str(v) for k, v in pols.items()}, "ptq_top1": ptq,
+            "predicted": {k: {kind: predicted(table, c, kind) for kind in kinds} for k, c in choices.items()},
+            "oracle_time_s": table.get("time_s"), "base": str(base), "finetune": {}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
@@ -105,45 +142,25 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     root = CACHE / "headroom"
     settings: dict[str, dict] = {}
-    for dataset, model in itertools.product(args.datasets, args.models):
+    for dataset, model in itertools.product(args.datasets, args.models):  # pass 1: post-training, everywhere
         base = root / f"{dataset}_{model}"
-        if args.report_only and not (base / "float" / "train.json").exists():
+        if args.report_only and not (base / "sensitivity" / "sensitivity.json").exists():
             continue
         # the search-quality benchmark searches on a 1,000-image proxy (seed 0) from this float model: leave it out
         fl = float_model(base, model, dataset, args.float_epochs, exclude_proxy=PROXY, proxy_seed=0)
-        float_ckpt = base / "float" / "float.pt"
-        tpath = base / "sensitivity" / "sensitivity.json"
-        if not tpath.exists():
-            t0 = time.perf_counter()
-            log(f"sensitivity {dataset}/{model}")
-            table = measure(SensitivityConfig(str(float_ckpt), dataset, target="ort",
-                                              weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits),
-                                              reference=(3, 3), images=args.oracle_images,
-                                              finetune_steps=args.oracle_finetune_steps))
-            table["time_s"] = time.perf_counter() - t0
-            write_table(table, tpath.parent, force=True)
-        table = load_table(tpath)
-        kinds = [k for k in KINDS if table.get(k) is not None]
+        table = oracle_table(base, dataset, args, finetune_steps=0)
         for bname in args.budgets:
-            budget, name = BUDGETS[bname], f"{dataset}/{model}/{bname}"
-            pols = setting_policies(base, name, table, budget, kinds)
-            ptq_path = base / f"ptq-{bname}.json"
-            ptq = json.loads(ptq_path.read_text()) if ptq_path.exists() else {}
-            for label, p in pols.items():
-                if label not in ptq:
-                    ptq[label] = evaluate_ptq(p, float_ckpt, dataset)["top1"]
-            atomic_write_json(ptq_path, ptq)
-            choices = {label: {n: (v["weight_bits"], v["act_bits"]) for n, v in json.loads(p.read_text())["layers"].items()
-                               if n in table["layers"]} for label, p in pols.items()}
-            settings[name] = {"float_top1": fl["top1"], "policies": {k: str(v) for k, v in pols.items()},
-                              "ptq_top1": ptq, "predicted": {k: {kind: predicted(table, c, kind) for kind in kinds}
-                                                              for k, c in choices.items()},
-                              "oracle_time_s": table.get("time_s"), "base": str(base), "finetune": {}}
+            settings[f"{dataset}/{model}/{bname}"] = prepare_setting(base, dataset, model, bname, table, fl["top1"])
     ptq_headroom = {n: max(s["ptq_top1"].values()) - min(s["ptq_top1"].values()) for n, s in settings.items()}
     chosen = args.finetune_settings if args.finetune_settings is not None else sorted(
         ptq_headroom, key=ptq_headroom.get, reverse=True)[:args.auto_finetune]
-    for name in settings:
-        s = settings[name]
+    for name in chosen:  # pass 2: the short-fine-tune oracle where the fine-tunes run
+        if args.oracle_finetune_steps and not args.report_only and name in settings:
+            dataset, model, bname = name.split("/")
+            base = Path(settings[name]["base"])
+            table = oracle_table(base, dataset, args, finetune_steps=args.oracle_finetune_steps)
+            settings[name] = prepare_setting(base, dataset, model, bname, table, settings[name]["float_top1"])
+    for name, s in settings.items():
         dataset = name.split("/")[0]
         base = Path(s["base"])
         for epochs in args.finetune_epochs:
