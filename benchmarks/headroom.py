@@ -27,7 +27,15 @@ from chain import CACHE, RESULTS, finetune, float_model, log, paired, write_resu
 from asga_deploy.budget import Budget, Limit
 from asga_deploy.io import atomic_write_json
 from asga_deploy.naming import uniform_stem
-from asga_deploy.oracle import load_table, oracle_choice, predicted, random_choices, to_policy, write_table
+from asga_deploy.oracle import (
+    load_table,
+    options_of,
+    oracle_choice,
+    predicted,
+    random_choices,
+    to_policy,
+    write_table,
+)
 from asga_deploy.policy import uniform_policy
 from asga_deploy.ptq import evaluate_ptq
 from asga_deploy.sensitivity import KINDS, SensitivityConfig, cost_table, measure
@@ -68,8 +76,12 @@ def setting_policies(root: Path, name: str, table: dict, budget: Budget, kinds: 
             keep(f"{kind}-{pick}", oracle_choice(table, budget, kind, pick)[0], f"sensitivity-{pick}")
     for i, choice in enumerate(random_choices(table, budget, 4, seed=0)):
         keep(f"random{i}", choice, "random")
-    target = get_target(table["target"])
-    for w, a in budget.uniform_matches(cost_table(table), target):
+    target, opts = get_target(table["target"]), options_of(table)
+    matches = [(w, a) for w, a in budget.uniform_matches(cost_table(table), target)
+               if all((w, a) in opts[n] for n in table["layers"])]  # the oracle has a prediction for them
+    # one uniform policy per weight width: the most precise activations that still fit (a size budget
+    # leaves activations free)
+    for w, a in sorted({w: max(a for v, a in matches if v == w) for w, _ in matches}.items()):
         path = folder / f"{uniform_stem(table['model'], w, a)}.json"
         if not path.exists():
             chans, size = table["input_shape"][0], table["input_shape"][-1]
@@ -122,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     ap.add_argument("--float-epochs", type=int, default=4)
+    ap.add_argument("--proxy", type=int, default=PROXY, help="proxy images left out of the float models' training")
     ap.add_argument("--weight-bits", type=int, nargs="+", default=[2, 3, 4, 6])
     ap.add_argument("--act-bits", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     ap.add_argument("--oracle-images", type=int, default=1000)
@@ -147,7 +160,7 @@ def main(argv=None) -> int:
         if args.report_only and not (base / "sensitivity" / "sensitivity.json").exists():
             continue
         # the search-quality benchmark searches on a 1,000-image proxy (seed 0) from this float model: leave it out
-        fl = float_model(base, model, dataset, args.float_epochs, exclude_proxy=PROXY, proxy_seed=0)
+        fl = float_model(base, model, dataset, args.float_epochs, exclude_proxy=args.proxy, proxy_seed=0)
         table = oracle_table(base, dataset, args, finetune_steps=0)
         for bname in args.budgets:
             settings[f"{dataset}/{model}/{bname}"] = prepare_setting(base, dataset, model, bname, table, fl["top1"])
