@@ -29,7 +29,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .dist import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from .errors import CheckpointError, OutputExistsError, TrainingDivergedError
+from .errors import CheckpointError, DatasetError, OutputExistsError, TrainingDivergedError
 from .evaluate import evaluate
 from .io import atomic_write_json, check_name, check_writable, machine_info, provenance, versions
 from .models import create_model, model_info
@@ -294,6 +294,9 @@ def run_train(cfg: TrainConfig, resume: bool = False, force: bool = False,
         proxy, fp = data.proxy_subset(train_set, cfg.exclude_proxy, cfg.proxy_seed, cfg.dataset, "train")
         held = set(proxy.indices)
         train_set = Subset(train_set, [i for i in range(len(train_set)) if i not in held])
+        if not len(train_set):
+            raise DatasetError(f"--exclude-proxy {cfg.exclude_proxy} leaves no training image ({cfg.dataset} holds "
+                               f"{len(held)}); exclude a smaller proxy")
         excluded = {"size": len(held), "seed": cfg.proxy_seed, "fingerprint": fp}
     if cfg.train_limit:
         train_set, _ = data.proxy_subset(train_set, cfg.train_limit, cfg.seed, cfg.dataset, "train")

@@ -8,7 +8,9 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import RichProgress, console, handle_errors, kv_table
+from .common import RichProgress, console, handle_errors, kv_table, number
+
+MAX_BATCH = 4096  # profile batches above this only exhaust memory
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -16,8 +18,8 @@ def _batches(text: str) -> tuple[int, ...]:
         out = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         out = ()
-    if not out or min(out) < 1:
-        raise typer.BadParameter(f"{text!r}: give positive batch sizes separated by commas, e.g. 1,8,32")
+    if not out or min(out) < 1 or max(out) > MAX_BATCH:
+        raise typer.BadParameter(f"{text!r}: give batch sizes in 1..{MAX_BATCH} separated by commas, e.g. 1,8,32")
     return out
 
 
@@ -28,12 +30,13 @@ def export(
     checkpoint: Path = typer.Option(None, help="finetuned.pt (default: export/<policy stem>/finetuned.pt)"),
     target: str = typer.Option(None, help="ort, tensorrt or sim (default: the policy's target)"),
     out: Path = typer.Option(None, help="output folder (default: export/<policy stem>)"),
-    opset: int = typer.Option(None, help="ONNX opset (default 17; 21 with --int4-storage; tensorrt 17..20)"),
+    opset: int = typer.Option(None, min=1, help="ONNX opset (default 17; 21 with --int4-storage; tensorrt 17..20)"),
     int4_storage: bool = typer.Option(False, "--int4-storage", help="store weights of <= 4 bits as INT4 (opset 21)"),
     fp16: bool = typer.Option(False, "--fp16", help="tensorrt: float layers FP16 in the graph (TensorRT 11)"),
     parity_images: int = typer.Option(1000, min=1, help="real test images for the torch-vs-ORT parity check"),
-    min_agreement: float = typer.Option(0.995, help="minimum top-1 agreement (fraction)"),
-    max_accuracy_diff: float = typer.Option(0.1, help="maximum accuracy difference (percentage points)"),
+    min_agreement: float = typer.Option(0.995, callback=number(0, 1), help="minimum top-1 agreement (fraction)"),
+    max_accuracy_diff: float = typer.Option(0.1, callback=number(0),
+                                            help="maximum accuracy difference (percentage points)"),
     dataset: str = typer.Option(None, help="test data for parity (default: the checkpoint's dataset)"),
     data_dir: Path = typer.Option(None, help="dataset folder"),
     threads: int = typer.Option(0, min=0, help="ONNX Runtime threads (0: default)"),
@@ -94,7 +97,7 @@ def profile(
     threads: int = typer.Option(0, min=0, help="ONNX Runtime intra-op threads (0: all usable cores)"),
     warmup: int = typer.Option(10, min=0, help="untimed runs first"),
     iters: int = typer.Option(50, min=1, help="timed runs per batch size"),
-    input_size: int = typer.Option(None, help="spatial size when the model's input size is dynamic"),
+    input_size: int = typer.Option(None, min=1, help="spatial size when the model's input size is dynamic"),
     out: Path = typer.Option(None, help="latency.json path (default: beside the model)"),
     force: bool = typer.Option(False, help="overwrite an existing latency.json"),
 ):
