@@ -16,30 +16,47 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from .cost import CostTable
+from .cost import FLOAT, CostTable
 from .errors import BudgetError
 from .targets import Target
 
 MAX_BINS = 200_000  # exact DP when the cost grid (gcd of option costs) is at most this fine
-_UNITS = {"bitops": 1.0, "size": 8e6}  # absolute limits: BitOPs, and megabytes of weights (in bits)
+_UNITS = {"bitops": 1.0, "size": 8e6, "latency": 1e6}  # absolute limits: BitOPs, MB (in bits), ms (in ns)
+_OF = {"w8a8": (8, 8), "float": FLOAT}
 
 
 @dataclass(frozen=True)
 class Limit:
-    """One bound: `metric` ("bitops" | "size"), relative to the W8A8 reference or absolute (BitOPs, MB)."""
+    """One bound on a metric ("bitops" | "size" | "latency").
+
+    relative: a ratio of the model at `of` (W8A8 or float; BitOPs and size ratios count the searched layers
+    at W8A8, as EdMIPS); absolute: BitOPs, megabytes, milliseconds. `whole`: the bound is on the whole
+    model (the fixed layers and, for latency, the rest of the graph included), as a deployment sees it.
+    """
 
     metric: str
     value: float
     relative: bool = True
     flag: str = ""  # how the user wrote it, for messages
+    of: str = "w8a8"
+    whole: bool = False
+
+    def target(self, table: CostTable) -> float:
+        """Return T in the metric's integer unit, for what the limit covers (the whole model or the counted layers)."""
+        if not self.relative:
+            return self.value * _UNITS[self.metric]
+        if self.whole:
+            ref = table.constant(self.metric) + sum(table.unit_cost(self.metric, n, *_OF[self.of])
+                                                    for n in table.counted)
+            return self.value * ref
+        return self.value * table.reference(self.metric)
 
     def bound(self, table: CostTable) -> int:
-        """Return the upper bound T in the metric's integer unit."""
-        scale = table.reference(self.metric) if self.relative else _UNITS[self.metric]
-        return math.floor(self.value * scale + 1e-9)
+        """Return the upper bound on the counted layers' cost, in the metric's integer unit."""
+        return math.floor(self.target(table) - (table.constant(self.metric) if self.whole else 0) + 1e-9)
 
     def ratio(self, table: CostTable) -> float:
-        """Return T as a ratio of the W8A8 reference."""
+        """Return the counted layers' bound as a ratio of their W8A8 cost."""
         ref = table.reference(self.metric)
         return self.bound(table) / ref if ref else 0.0
 
@@ -47,11 +64,29 @@ class Limit:
         """Return the short name used in artifact names (r12.5 = 12.5% of W8A8 BitOPs)."""
         if self.metric == "bitops":
             return f"r{100 * self.value:g}" if self.relative else f"{self.value / 1e9:g}gbops"
-        return f"{100 * self.value:g}pct-size" if self.relative else f"{self.value:g}mb"
+        if self.metric == "latency":
+            return f"{self.value:g}x{self.of}" if self.relative else f"{self.value:g}ms"
+        return (f"{100 * self.value:g}pct-size" if self.relative else f"{self.value:g}mb") + ("-total" if self.whole
+                                                                                             else "")
 
     def describe(self) -> str:
         """Return the limit as the user gave it."""
         return self.flag or f"{self.metric} {'ratio ' if self.relative else ''}{self.value:g}"
+
+
+def parse_latency(text: str, flag: str = "--budget-latency") -> Limit:
+    """Return the latency limit of "1.2" / "1.2ms" (milliseconds) or "0.8xw8a8" / "0.5xfloat" (a ratio of
+    the whole model's latency at W8A8 or in float)."""
+    t = str(text).strip().lower().replace(" ", "").replace("x-", "x")
+    of = next((k for k in _OF if t.endswith("x" + k)), None)
+    num = t[: -len("x" + of)] if of else t.removesuffix("ms")
+    try:
+        value = float(num)
+    except ValueError:
+        raise BudgetError(f"{flag} {text!r}: give milliseconds (1.5 or 1.5ms) or a ratio of the W8A8 or float "
+                          "model (0.8xw8a8, 0.5xfloat)") from None
+    _positive(value, flag)
+    return Limit("latency", value, of is not None, f"{flag} {text}", of or "w8a8", whole=True)
 
 
 def _positive(value: float, flag: str) -> float:
@@ -75,7 +110,8 @@ class Budget:
 
     @classmethod
     def from_options(cls, bitops: float | None = None, gbitops: float | None = None,
-                     weight_mb: float | None = None, tol: float = 0.03) -> Budget | None:
+                     weight_mb: float | None = None, tol: float = 0.03, size_mb: float | None = None,
+                     latency: str | None = None) -> Budget | None:
         """Return the budget of the CLI options (None when no limit is given); check every value."""
         limits = []
         if bitops is not None:
@@ -90,12 +126,22 @@ class Budget:
         if weight_mb is not None:
             limits.append(Limit("size", _positive(weight_mb, "--budget-weight-mb"), False,
                                 f"--budget-weight-mb {weight_mb:g}"))
+        if size_mb is not None:  # the whole model's weights, as the file that ships holds them
+            limits.append(Limit("size", _positive(size_mb, "--budget-size-mb"), False,
+                                f"--budget-size-mb {size_mb:g}", whole=True))
+        if latency is not None:
+            limits.append(parse_latency(latency))
         return cls(tuple(limits), tol) if limits else None
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Return the metrics the budget limits (each once)."""
+        return tuple(dict.fromkeys(lim.metric for lim in self.limits))
+
     def window(self, limit: Limit, table: CostTable) -> tuple[int, int]:
-        """Return (lo, hi): the integer costs of `limit` inside [(1 - tol) T, T]."""
-        hi = limit.bound(table)
-        return math.ceil((1.0 - self.tol) * hi - 1e-9), hi
+        """Return (lo, hi): the counted layers' integer costs that put the limit's cost inside [(1 - tol) T, T]."""
+        const = table.constant(limit.metric) if limit.whole else 0
+        return math.ceil((1.0 - self.tol) * limit.target(table) - const - 1e-9), limit.bound(table)
 
     def costs(self, table: CostTable, bits: Mapping[str, tuple[int, int]]) -> list[int]:
         """Return the cost of a choice under each limit's metric."""

@@ -89,32 +89,52 @@ def w8a8_bitops(names: Iterable[str], costs: Mapping[str, LayerCost]) -> int:
     return sum(costs[n].bitops(8, 8) for n in names)
 
 
-METRICS = ("bitops", "size")  # size: weight storage, counted in bits (bytes * 8) so that costs stay integers
+METRICS = ("bitops", "size", "latency")  # size in weight bits, latency in ns: costs stay integers
+FLOAT = (32, 32)  # the choice "no quantizer": FP32 on ONNX Runtime, FP16 on TensorRT (counted as 32 bits)
+
+
+def choice_key(weight_bits: int, act_bits: int) -> str:
+    """Return the name of a choice in latency tables: "float", or "w<W>a<A>"."""
+    return "float" if (weight_bits, act_bits) == FLOAT else f"w{weight_bits}a{act_bits}"
 
 
 @dataclass(frozen=True)
 class CostTable:
-    """What each counted layer costs for each (w, a) choice under each metric, and the W8A8 references.
+    """What each counted layer costs for each choice under each metric, the W8A8 references, and the
+    constant part of the model (its other layers at their fixed choices, and for latency the rest of the graph).
 
     `counted` are the layers a budget counts (the searched ones; the first conv and the classifier are
-    excluded by the EdMIPS convention). Costs are integers: BitOPs, and weight bits for size.
+    excluded by the EdMIPS convention, and held at `fixed`). Costs are integers: BitOPs, weight bits for
+    size, nanoseconds for latency (from a measured per-layer table, `lut`: layer -> choice key -> ms).
     """
 
     layers: Mapping[str, LayerCost]
     counted: tuple[str, ...]
+    fixed: Mapping[str, tuple[int, int]] | None = None
+    lut: Mapping[str, Mapping[str, float]] | None = None
+    rest_ms: float = 0.0
 
-    def unit_cost(self, metric: str, name: str, weight_bits: int, act_bits: int) -> int:
-        """Return one layer's cost of a (w, a) choice in the metric's integer unit."""
+    def unit_cost(self, metric: str, name: str, weight_bits, act_bits) -> int:
+        """Return one layer's cost of a (w, a) choice in the metric's integer unit (FLOAT: 32 x 32 bits)."""
         c = self.layers[name]
         if metric == "bitops":
             return c.bitops(weight_bits, act_bits)
         if metric == "size":
             return c.params * weight_bits
+        if metric == "latency":
+            if self.lut is None:
+                raise ValueError("a latency cost needs a measured latency table (asga lut)")
+            return round(self.lut[name][choice_key(weight_bits, act_bits)] * 1e6)
         raise ValueError(f"unknown cost metric {metric!r}; known: {', '.join(METRICS)}")
 
     def total(self, metric: str, bits: Mapping[str, tuple[int, int]]) -> int:
         """Return the cost of the counted layers of a {layer: (w, a)} choice."""
         return sum(self.unit_cost(metric, n, *bits[n]) for n in self.counted if n in bits)
+
+    def constant(self, metric: str) -> int:
+        """Return the cost of what no choice changes: the fixed layers, and for latency the rest of the graph."""
+        fixed = sum(self.unit_cost(metric, n, *b) for n, b in (self.fixed or {}).items())
+        return fixed + (round(self.rest_ms * 1e6) if metric == "latency" else 0)
 
     def reference(self, metric: str) -> int:
         """Return the cost of W8A8 on every counted layer: the reference of every ratio."""

@@ -117,3 +117,58 @@ def test_uniform_matches_follow_the_target():
     b = Budget.from_options(bitops=0.875)
     assert b.uniform_matches(table, get_target("sim")) == [(7, 8), (8, 7)]
     assert b.uniform_matches(table, get_target("tensorrt")) == [(8, 7)]  # no unsigned A8 on TensorRT
+
+
+def _lut_table(seed: int) -> CostTable:
+    """4 counted layers and one fixed edge, with a latency table: int8 kernels do not care about bits below 8,
+    sub-8-bit activations pay a requantization, float costs more."""
+    rng = np.random.default_rng(seed)
+    costs = {f"l{i}": LayerCost(f"l{i}", "conv", int(rng.integers(1_000, 50_000)), int(rng.integers(100, 5_000)),
+                                False) for i in range(5)}
+    lut = {}
+    for n in costs:
+        int8, fl = float(rng.uniform(0.05, 0.3)), float(rng.uniform(0.1, 0.6))
+        lut[n] = {"float": fl, **{f"w{w}a{a}": int8 + (0.01 if a < 8 else 0.0) for w in (2, 4, 8) for a in (2, 4, 8)}}
+    return CostTable(costs, ("l0", "l1", "l2", "l3"), fixed={"l4": (8, 8)}, lut=lut, rest_ms=0.2)
+
+
+def test_latency_limits_parse_and_cover_the_whole_model():
+    t = _lut_table(0)
+    lim = B.parse_latency("1.5ms")
+    assert (lim.metric, lim.value, lim.relative, lim.whole) == ("latency", 1.5, False, True)
+    assert lim.bound(t) == int(1.5e6) - t.constant("latency")  # the rest of the graph and the edge are fixed
+    r = B.parse_latency("0.8xfloat")
+    whole_float = t.constant("latency") + sum(round(t.lut[n]["float"] * 1e6) for n in t.counted)
+    assert r.relative and r.of == "float" and r.target(t) == pytest.approx(0.8 * whole_float)
+    for bad in ("fast", "-1ms", "0xw8a8", "nan"):
+        with pytest.raises(BudgetError, match="--budget-latency"):
+            B.parse_latency(bad)
+    b = Budget.from_options(size_mb=0.01, latency="0.9xw8a8")
+    assert b.metrics == ("size", "latency") and b.tag() == "0.01mb-total-0.9xw8a8"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_latency_and_size_together_equal_brute_force(seed):
+    t = _lut_table(seed)
+    rng = np.random.default_rng(200 + seed)
+    options = {n: [(w, a) for w in (2, 4, 8) for a in (2, 4, 8)] + [(32, 32)] for n in t.counted}
+    values = {n: list(np.log(rng.dirichlet(np.ones(10)))) for n in t.counted}
+    whole_w8a8 = t.constant("latency") + sum(t.unit_cost("latency", n, 8, 8) for n in t.counted)
+    size_w4 = (t.constant("size") + sum(t.layers[n].params * 4 for n in t.counted)) / 8e6
+    budget = Budget((Limit("latency", 1.05 * whole_w8a8 / 1e6, False, whole=True),
+                     Limit("size", size_w4, False, whole=True)))
+    best, arg = -np.inf, None
+    names = list(options)
+    for combo in itertools.product(*[range(10)] * len(names)):
+        choice = {n: options[n][k] for n, k in zip(names, combo, strict=True)}
+        v = sum(values[n][k] for n, k in zip(names, combo, strict=True))
+        if budget.meets(t, choice) and v > best:
+            best, arg = v, choice
+    if arg is None:
+        with pytest.raises(BudgetError):
+            budget.solve(t, options, values)
+        return
+    choice, info = budget.solve(t, options, values)
+    assert budget.meets(t, choice) and info["value"] == pytest.approx(best, abs=1e-9)
+    whole = [t.constant(m) + t.total(m, choice) for m in ("latency", "size")]
+    assert whole[0] <= 1.05 * whole_w8a8 + 1 and whole[1] <= size_w4 * 8e6 + 1
