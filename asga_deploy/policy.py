@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .cost import CostTable, LayerCost, layer_costs
+from .cost import FLOAT, CostTable, LayerCost, layer_costs
 from .errors import PolicyError
 from .io import atomic_write_json, check_writable, provenance
 from .models import create_model, edge_layers, model_info, quantizable_layers
@@ -188,11 +188,11 @@ def compare(a: str | Path, b: str | Path) -> list[str]:
 
 def compute_cost(policy: Policy, costs: dict[str, LayerCost], input_shape, num_classes: int,
                  excluded: list[str]) -> dict:
-    """Return the policy's cost record: BitOPs and its ratio to W8A8 over the counted layers, bytes."""
-    table = CostTable(costs, tuple(n for n in policy.layers if n not in excluded))
-    bits = {n: (b.weight_bits, b.act_bits) for n, b in policy.layers.items()}
-    total_bytes = sum(costs[n].weight_bytes(w) for n, (w, _) in bits.items()) + sum(
-        costs[n].params * 4 for n in policy.float_layers if n in costs)
+    """Return the policy's cost record: BitOPs and its ratio to W8A8 over the counted layers (a float layer
+    counts as 32 x 32 bits, as in EdMIPS), their weight bytes, and the whole model's weight bytes."""
+    bits = {n: (b.weight_bits, b.act_bits) for n, b in policy.layers.items()} | dict.fromkeys(policy.float_layers, FLOAT)
+    table = CostTable(costs, tuple(n for n in bits if n not in excluded and n in costs))
+    total_bytes = sum(costs[n].weight_bytes(w) for n, (w, _) in bits.items() if n in costs)
     return {"input_shape": list(input_shape), "num_classes": num_classes, "excluded": list(excluded),
             "bitops": table.total("bitops", bits), "bitops_vs_w8a8": table.ratio("bitops", bits),
             "weight_bytes": table.total("size", bits) / 8, "weight_bytes_total": total_bytes}
@@ -205,7 +205,9 @@ def policy_from_choice(model_name: str, target: str, costs: dict[str, LayerCost]
     tgt = get_target(target)
     layers, floats = {}, []
     for n, c in costs.items():
-        if n in choice:
+        if n in choice and tuple(choice[n]) == FLOAT:
+            floats.append(n)
+        elif n in choice:
             layers[n] = LayerBits(*choice[n], c.input_signed)
         elif edge_bits == "float":
             floats.append(n)

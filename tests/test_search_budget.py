@@ -147,3 +147,33 @@ def test_weight_megabyte_budget_extraction():
     choice, _ = C.extract(net, Budget.from_options(weight_mb=mb))
     pol = net.derive_policy(choice)
     assert 0.97 * mb * 1e6 - 1 <= pol.cost["weight_bytes"] <= mb * 1e6
+
+
+def test_latency_and_size_budgets_with_the_float_choice(tmp_path):
+    """A fake latency table (float layers twice as slow as INT8 ones, sub-8-bit activations a little slower):
+    the searched policy meets both budgets as predicted, and the policy records the prediction."""
+    import json
+
+    from asga_deploy.cost import FLOAT, choice_key, layer_costs
+    from asga_deploy.models import create_model
+
+    costs = layer_costs(create_model("tinyresnet", 10, 1), (1, 12, 12))
+    lut = {n: {choice_key(w, a): c.macs * 1e-6 * (1.0 + 0.1 * (a < 8)) for w in range(2, 9) for a in range(2, 9)}
+           for n, c in costs.items()}
+    for n, c in costs.items():
+        lut[n][choice_key(*FLOAT)] = c.macs * 2e-6
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps({"layers": lut, "rest_ms": 0.01}))
+    cfg = SearchConfig(model="tinyresnet", dataset="synthetic", objective="erm", epochs=2, alpha_lr=1.0,
+                       budget_latency="1.3xw8a8", budget_size_mb=0.004, lut=str(path), float_choice=True,
+                       allow_diagnostics=True, tol=0.2)
+    res = run_search(cfg, search_data(12, 8), tmp_path / "p", tmp_path / "r")
+    lat = res.metrics["latency"]
+    assert lat["predicted_ms"] <= lat["budget_ms"] + 1e-9 and lat["lut"] == str(path)
+    pol = res.policy
+    bits = {n: (b.weight_bits, b.act_bits) for n, b in pol.layers.items()} | dict.fromkeys(pol.float_layers, FLOAT)
+    size = sum(costs[n].weight_bytes(w) for n, (w, _) in bits.items())
+    assert size <= 0.004e6 + 1e-6
+    predicted = 0.01 + sum(lut[n][choice_key(*b)] for n, b in bits.items())
+    assert predicted == pytest.approx(lat["predicted_ms"], abs=1e-5)  # costs are whole nanoseconds
+    assert len(res.policy.provenance["config"]) and res.policy.provenance["config"]["float_choice"] is True

@@ -106,7 +106,7 @@ def test_candidate_bits_outside_2_to_8_are_refused(bits):
 
 @pytest.mark.parametrize("model", ["tinynet", "tinydw"])
 def test_fused_mixture_matches_the_sum_of_quantizers(model):
-    from asga_deploy.search.supernet import _MixedMixin
+    from asga_deploy.search.mixed import _MixedMixin
 
     net = tiny_supernet(model)
     with torch.no_grad():

@@ -59,7 +59,14 @@ def search(
     budget_gbitops: float | None = typer.Option(None, "--budget-gbitops", callback=number(0, lo_open=True),
                                                 help="hard budget: absolute GBitOPs (1e9)"),
     budget_weight_mb: float | None = typer.Option(None, "--budget-weight-mb", callback=number(0, lo_open=True),
-                                                  help="hard budget on weight MB"),
+                                                  help="hard budget on the searched layers' weight MB"),
+    budget_size_mb: float | None = typer.Option(None, "--budget-size-mb", callback=number(0, lo_open=True),
+                                                help="hard budget on the whole model's weight MB"),
+    budget_latency: str | None = typer.Option(None, "--budget-latency", help="hard budget on measured latency: ms "
+                                              "(1.5 or 1.5ms) or a ratio of the whole W8A8 / float model "
+                                              "(0.8xw8a8, 1.5xfloat); needs --lut"),
+    lut: Path | None = typer.Option(None, "--lut", help="per-layer latency table of `asga lut` (latency budgets)"),
+    float_choice: bool = typer.Option(False, "--float-choice", help="a searched layer may also stay float"),
     lam: float = typer.Option(0.0, "--lambda", callback=number(0),
                               help="soft budget lambda (no hard budget), or initial lambda"),
     k_p: float = typer.Option(2.0, "--k-p", callback=number(0),
@@ -129,7 +136,7 @@ def search(
 
         if sensitivity is None:
             raise AsgaError("--method sensitivity needs --sensitivity TABLE (written by `asga sensitivity`)")
-        budget = Budget.from_options(budget_bitops, budget_gbitops, budget_weight_mb, tol)
+        budget = Budget.from_options(budget_bitops, budget_gbitops, budget_weight_mb, tol, budget_size_mb)
         if budget is None:
             raise AsgaError("--method sensitivity needs a budget: --budget-bitops, --budget-gbitops or "
                             "--budget-weight-mb")
@@ -150,7 +157,9 @@ def search(
                        weight_bits=_bits(weight_bits, "weight-bits"), act_bits=_bits(act_bits, "act-bits"),
                        replace_unsupported=not no_replace, search_edges=search_edges, edge_bits=edge_bits,
                        budget_bitops=budget_bitops, budget_gbitops=budget_gbitops,
-                       budget_weight_mb=budget_weight_mb, lam=lam, tol=tol,
+                       budget_weight_mb=budget_weight_mb, budget_size_mb=budget_size_mb,
+                       budget_latency=budget_latency, lut=str(lut) if lut else None, float_choice=float_choice,
+                       lam=lam, tol=tol,
                        k_p=k_p, eta=eta, lam_max=lam_max, freeze_frac=freeze_frac, start_at_budget=start_at_budget,
                        alpha_lr_rule=alpha_lr_rule, perturb=perturb, proxy_seed=proxy_seed,
                        heldout_fraction=heldout_fraction,

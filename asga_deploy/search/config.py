@@ -43,6 +43,10 @@ class SearchConfig:
     budget_bitops: float | None = None  # ratio of W8A8 BitOPs, in (0, 1]
     budget_gbitops: float | None = None  # absolute BitOPs, in units of 1e9
     budget_weight_mb: float | None = None  # searched layers' weight megabytes (1e6 bytes)
+    budget_size_mb: float | None = None  # the whole model's weight megabytes
+    budget_latency: str | None = None  # "1.5ms" or a ratio of the whole W8A8 / float model: "0.8xw8a8", "1.5xfloat"
+    lut: str | None = None  # the measured per-layer latency table (asga lut) a latency budget is priced with
+    float_choice: bool = False  # a searched layer may also stay float (FP32 on ORT, FP16 on TensorRT)
     lam: float = 0.0  # soft budget lambda, or the controller's initial lambda
     k_p: float = 2.0  # controller gains on e = C/T - 1 (method.md 6), tuned on resnet20 and smallcnn
     eta: float = 0.1
@@ -79,7 +83,8 @@ class SearchConfig:
 
     def budget(self) -> Budget | None:
         """Return the hard budget of this search (None: a soft budget with a fixed lambda)."""
-        return Budget.from_options(self.budget_bitops, self.budget_gbitops, self.budget_weight_mb, self.tol)
+        return Budget.from_options(self.budget_bitops, self.budget_gbitops, self.budget_weight_mb, self.tol,
+                                   self.budget_size_mb, self.budget_latency)
 
     def stem(self) -> str:
         """Return the artifact stem of this search: <model>-<objective>-<budget tag>[-<target>]."""

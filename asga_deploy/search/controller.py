@@ -71,6 +71,8 @@ def start_at_budget(net: Supernet, use: Callable[[], torch.Tensor], lo: float = 
         for m in net.mixed_layers().values():
             m.prior_w.copy_(-beta * m.w_bits_t / 8)
             m.prior_a.copy_(-beta * m.a_bits_t / 8)
+            if m.float_choice:  # float counts as 32 bits
+                m.prior_f.copy_(torch.tensor([0.0, -beta * 32 / 8]))
         return float(use()) - 1.0
 
     if value(lo) <= 0:  # the budget is above even the dearest expectation: push up as far as allowed
@@ -95,7 +97,11 @@ def log_probs(net: Supernet) -> dict[str, list[float]]:
             zw, za = m.scores()
             lw = torch.log_softmax(zw.double(), 0).tolist()
             la = torch.log_softmax(za.double(), 0).tolist()
-        out[n] = [lw[i] + la[j] for i in range(len(m.w_bits)) for j in range(len(m.a_bits))]
+            zf = m.float_score()
+            lq, lf = torch.log_softmax(zf.double(), 0).tolist() if zf is not None else (0.0, None)
+        out[n] = [lq + lw[i] + la[j] for i in range(len(m.w_bits)) for j in range(len(m.a_bits))]
+        if lf is not None:
+            out[n].append(lf)
     return out
 
 
@@ -112,7 +118,7 @@ def logit_gaps(net: Supernet) -> list[float]:
     gaps = []
     with torch.no_grad():
         for m in net.mixed_layers().values():
-            for z in m.scores():
+            for z in [*m.scores(), *([m.float_score()] if m.float_choice else [])]:
                 top = torch.topk(z, 2).values if z.numel() > 1 else torch.tensor([1e9, 0.0])
                 gaps.append(float(top[0] - top[1]))
     return gaps
@@ -123,7 +129,7 @@ def logit_moves(net: Supernet, start: dict[str, list[list[float]]]) -> list[floa
     moves = []
     with torch.no_grad():
         for n, m in net.mixed_layers().items():
-            for alpha, s0 in zip((m.alpha_w, m.alpha_a), start[n], strict=True):
+            for alpha, s0 in zip(m.arch_parameters(), start[n], strict=True):
                 moves.append(float((alpha - torch.tensor(s0, dtype=alpha.dtype)).abs().max()))
     return moves
 

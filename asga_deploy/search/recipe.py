@@ -9,26 +9,21 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from ..budget import Budget
 from ..checkpoint import (
     load_checkpoint,
-    load_weights,
     plain_provenance,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from ..cost import layer_costs
-from ..errors import AsgaError, BudgetError, CheckpointError, OutputExistsError, TrainingDivergedError
+from ..errors import BudgetError, CheckpointError, OutputExistsError, TrainingDivergedError
 from ..io import atomic_write_text, provenance
-from ..models import create_model, edge_layers
 from ..policy import validate_policy
 from ..progress import Callback, ProgressEvent, emit
 from .config import RESUME_FREE, SearchConfig, SearchData, SearchDiagnosticError, SearchResult
@@ -41,69 +36,9 @@ from .controller import (
     start_at_budget,
     temperature,
 )
-from .objective import OBJECTIVES, RHO_RULES, ASGAStep, NonFiniteLoss, Radius
+from .objective import ASGAStep, NonFiniteLoss, Radius
 from .outputs import finish
-from .perturb import PERTURBS
-from .supernet import Supernet, check_bits
-
-
-def build_model(cfg: SearchConfig, data: SearchData) -> tuple[torch.nn.Module, dict]:
-    """Return the float model for the supernet (scratch, float checkpoint or torchvision) and its record."""
-    if cfg.init == "scratch":
-        return create_model(cfg.model, data.num_classes, data.in_chans), {"init": "scratch"}
-    if cfg.init == "torchvision":
-        model = create_model(cfg.model, data.num_classes, data.in_chans, weights="torchvision")
-        return model, {"init": "torchvision", "note": "pretrained backbone, new classifier head"}
-    ckpt = load_checkpoint(cfg.init, "float")
-    model = load_weights(create_model(cfg.model, data.num_classes, data.in_chans), cfg.init, cfg.model)
-    excluded = ckpt.get("excluded_proxy") or {}
-    return model, {"init": "float", "checkpoint": str(cfg.init), "checkpoint_dataset": ckpt.get("dataset"),
-                   "proxy_excluded_from_float": excluded.get("fingerprint") == data.fingerprint,
-                   "checkpoint_provenance": ckpt.get("provenance", {})}
-
-
-def _first_batch(data: SearchData) -> torch.Tensor:
-    for x, _ in data.train(0):
-        return x
-    raise BudgetError(f"dataset {data.name} yields no batch")  # pragma: no cover - data.py refuses empty sets
-
-
-def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, Budget | None]:
-    """Validate the config and build the supernet; return (net, init record, budget)."""
-    for name, val, allowed in (("objective", cfg.objective, OBJECTIVES), ("rho rule", cfg.rho_rule, RHO_RULES),
-                               ("alpha data", cfg.alpha_data, ("same", "heldout")),
-                               ("edge bits", cfg.edge_bits, ("8", "float")), ("perturb", cfg.perturb, PERTURBS),
-                               ("alpha lr rule", cfg.alpha_lr_rule, ("tau", "tau-cos", "fixed"))):
-        if val not in allowed:
-            raise AsgaError(f"{name} {val!r} unknown; choose one of {', '.join(allowed)}")
-    check_bits(cfg.weight_bits, "weight")
-    check_bits(cfg.act_bits, "activation")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise AsgaError(f"epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be at least 1")
-    for name in ("lr", "alpha_lr", "gamma", "epsilon", "rho_min", "k_p", "eta", "lam_max", "band", "tau_start",
-                 "tau_end"):
-        v = getattr(cfg, name)
-        if not (math.isfinite(v) and v >= 0) or (name in ("tau_start", "tau_end", "epsilon") and v == 0):
-            raise AsgaError(f"--{name.replace('_', '-')} {v}: must be a finite number "
-                            f"{'> 0' if name in ('tau_start', 'tau_end', 'epsilon') else '>= 0'}")
-    if not math.isfinite(cfg.lam) or not 0.0 <= cfg.freeze_frac < 1.0:
-        raise AsgaError(f"--lambda {cfg.lam} must be finite and --freeze-frac {cfg.freeze_frac} in [0, 1)")
-    budget = cfg.budget()
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model, init = build_model(cfg, data)
-    calib = _first_batch(data)
-    shape = (data.in_chans, data.input_size, data.input_size)
-    size = cfg.cost_input_size or data.input_size
-    signs = layer_costs(model, shape, example=calib)  # sign of each input read from real data
-    costs = {n: type(c)(c.name, c.kind, c.macs, c.params, signs[n].input_signed)
-             for n, c in layer_costs(model, (data.in_chans, size, size)).items()}
-    edges = [] if cfg.search_edges else edge_layers(model)
-    net = Supernet.build(model, cfg.model, costs, calib, cfg.weight_bits, cfg.act_bits, cfg.target, edges,
-                         cfg.replace_unsupported, cfg.alpha_init, data.num_classes, (data.in_chans, size, size))
-    if budget is not None:
-        budget.check_feasible(net.table, net.options())
-    return net, init, budget
+from .setup import prepare
 
 
 class SearchRecipe:
@@ -130,7 +65,7 @@ class SearchRecipe:
         self.freeze_step = min(self.total, math.ceil((1.0 - cfg.freeze_frac) * self.total))
         self.net.set_temperature(cfg.tau_start)
         beta = start_at_budget(self.net, self.budget_use) if self.limits and cfg.start_at_budget else 0.0
-        start = {n: [m.alpha_w.tolist(), m.alpha_a.tolist()] for n, m in self.net.mixed_layers().items()}
+        start = {n: [p.tolist() for p in m.arch_parameters()] for n, m in self.net.mixed_layers().items()}
         self.state = {"log": [], "epochs": [], "beta": beta, "start_logits": start,
                       "start_argmax": self.net.argmax_choice(), "argmax": self.net.argmax_choice(),
                       "argmax_changed_step": 0, "loss_at_change": None}
@@ -328,6 +263,10 @@ class SearchRecipe:
                    "final_temperature": net.mixed_layers()[net.searched[0]].tau,
                    "flipped_codes_mean": statistics.fmean(r["flipped_codes"] for r in state["log"]),
                    "allow_diagnostics": cfg.allow_diagnostics, **diag}
+        if net.table.lut is not None:  # what the policy is predicted to cost on the measured backend
+            lat = [lim for lim in self.limits if lim.metric == "latency"]
+            metrics["latency"] = {"predicted_ms": (net.table.constant("latency") + net.table.total("latency", choice)) / 1e6,
+                                  "budget_ms": lat[0].target(net.table) / 1e6 if lat else None, "lut": cfg.lut}
         d = self.data
         pol = net.derive_policy(choice, cfg.edge_bits, provenance(
             self.command, dataset=d.name, dataset_fingerprint=d.fingerprint, dataset_info=d.info, seed=cfg.seed,

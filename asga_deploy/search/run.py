@@ -13,7 +13,8 @@ from ..io import check_writable
 from ..naming import search_run_dir
 from ..progress import Callback
 from .config import SearchConfig, SearchData, SearchDiagnosticError, SearchResult
-from .recipe import SearchRecipe, check_run_dir, prepare
+from .recipe import SearchRecipe, check_run_dir
+from .setup import prepare
 
 __all__ = ["SearchConfig", "SearchData", "SearchDiagnosticError", "SearchResult", "default_run_dir", "prepare",
            "run_search"]
