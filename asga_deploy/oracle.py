@@ -10,11 +10,13 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from .budget import Budget
+from .cost import CostTable
 from .errors import AsgaError
 from .io import atomic_write_json, check_name, check_writable, provenance
 from .naming import artifact_stem
 from .policy import Policy, policy_from_choice
 from .report.plots import plot_heatmaps
+from .search.setup import read_lut
 from .sensitivity import KINDS, SCHEMA, cost_table, deltas
 from .validate import SEED_MAX, check_int
 
@@ -74,21 +76,25 @@ def options_of(table: dict) -> dict[str, list[tuple[int, int]]]:
     return {n: [tuple(o) for o in table["options"][n]] for n in table["layers"]}
 
 
-def oracle_choice(table: dict, budget: Budget, kind: str = "ptq", pick: str = "best"
+def oracle_choice(table: dict, budget: Budget, kind: str = "ptq", pick: str = "best", costs: CostTable | None = None
                   ) -> tuple[dict[str, tuple[int, int]], dict]:
-    """Return the feasible choice with the least (best) or most (worst) summed loss increase, and the solve facts."""
+    """Return the feasible choice with the least (best) or most (worst) summed loss increase, and the solve facts.
+
+    `costs`: the CostTable to price the budget with (default: the table's own, without latency).
+    """
     if pick not in ("best", "worst"):
         raise AsgaError(f"pick {pick!r}: best or worst")
     d = deltas(table, kind)
     sign = -1.0 if pick == "best" else 1.0
     values = {n: [sign * v for v in d[n]] for n in table["layers"]}
-    choice, info = budget.solve(cost_table(table), options_of(table), values)
+    choice, info = budget.solve(costs or cost_table(table), options_of(table), values)
     return choice, {**info, "predicted_loss_increase": sign * info["value"], "oracle": kind, "pick": pick}
 
 
-def random_choices(table: dict, budget: Budget, n: int, seed: int) -> list[dict[str, tuple[int, int]]]:
+def random_choices(table: dict, budget: Budget, n: int, seed: int, costs: CostTable | None = None
+                   ) -> list[dict[str, tuple[int, int]]]:
     """Return n feasible choices drawn uniformly at random (seeded)."""
-    return budget.sample(cost_table(table), options_of(table), n, seed)
+    return budget.sample(costs or cost_table(table), options_of(table), n, seed)
 
 
 def predicted(table: dict, choice: dict[str, tuple[int, int]], kind: str = "ptq") -> float:
@@ -162,8 +168,8 @@ def write_table(table: dict, out_dir: str | Path, force: bool = False) -> Path:
 
 
 def oracle_policy_file(table_path: str | Path, budget: Budget, kind: str = "ptq", pick: str = "best", seed: int = 0,
-                       out_dir: str | Path = "policies", name: str | None = None, force: bool = False
-                       ) -> tuple[Path, Policy, dict]:
+                       out_dir: str | Path = "policies", name: str | None = None, force: bool = False,
+                       lut: str | Path | None = None) -> tuple[Path, Policy, dict]:
     """Write the oracle's best / worst / a random feasible policy for the budget; return (path, policy, facts)."""
     if pick not in PICKS:
         raise AsgaError(f"--pick {pick!r} unknown; choose one of {', '.join(PICKS)}")
@@ -174,11 +180,17 @@ def oracle_policy_file(table_path: str | Path, budget: Budget, kind: str = "ptq"
     stem = name or artifact_stem(table["model"], method, budget.tag(), table["target"],
                                  seed if pick == "random" else None)
     path = check_writable(Path(out_dir) / f"{stem}.json", force)
+    if "latency" in budget.metrics and lut is None:
+        raise AsgaError("--budget-latency needs --lut TABLE (measure it with `asga lut`)")
+    priced = cost_table(table, *read_lut(str(lut), cost_table(table).layers)) if lut else cost_table(table)
     if pick == "random":
-        choice = random_choices(table, budget, 1, seed)[0]
+        choice = random_choices(table, budget, 1, seed, priced)[0]
         info = {"pick": "random", "seed": seed}
     else:
-        choice, info = oracle_choice(table, budget, kind, pick)
+        choice, info = oracle_choice(table, budget, kind, pick, priced)
+    if lut:
+        info["latency"] = {"predicted_ms": (priced.constant("latency") + priced.total("latency", choice)) / 1e6,
+                           "lut": str(lut)}
     info = {**info, "predicted": {k: predicted(table, choice, k) for k in KINDS if table.get(k) is not None}}
     pol = to_policy(table, choice, method, sensitivity_table=str(table_path), budget=budget.describe(),
                     metrics=info, oracle=kind)

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import data
 from .checkpoint import load_model
-from .cost import CostTable, LayerCost, layer_costs
+from .cost import FLOAT, CostTable, LayerCost, layer_costs
 from .errors import AsgaError
 from .evaluate import check_classes
 from .hessian import hutchinson_traces
@@ -62,6 +62,7 @@ class SensitivityConfig:
     finetune_lr: float = 0.01
     hessian_samples: int = 4  # Rademacher vectors per batch (0: no Hessian table)
     hessian_images: int = 256
+    float_choice: bool = False  # also measure each layer left float (FP32: no quantizer)
     seed: int = 0
     allow_incomplete: bool = False
 
@@ -111,8 +112,11 @@ def _nearest(candidates: list[int], b: int) -> int:
 
 
 def _swap(layer: nn.Module, w: int, a: int, signed: bool, sample: torch.Tensor) -> tuple:
-    """Give a quantized layer new weight/input quantizers (MSE-initialised); return the old ones."""
+    """Give a quantized layer new weight/input quantizers (MSE-initialised; none for FLOAT); return the old ones."""
     old = (layer.weight_quantizer, layer.input_quantizer)
+    if (w, a) == FLOAT:
+        layer.weight_quantizer, layer.input_quantizer = nn.Identity(), nn.Identity()
+        return old
     if w != old[0].bits:
         layer.weight_quantizer = weight_quantizer(w, layer.weight.shape[0])
         layer.weight_quantizer.init_mse(layer.weight.detach())
@@ -163,9 +167,9 @@ def measure(cfg: SensitivityConfig, callback: Callback | None = None, reuse: dic
     searched = [n for n in costs if n not in edges]
     options = {n: [(w, a) for w in narrow(tuple(cfg.weight_bits), target.weight_bits, True)
                    for a in narrow(tuple(cfg.act_bits), target.act_bits(costs[n].input_signed), True)]
-               for n in searched}
-    ref_choice = {n: (_nearest([o[0] for o in options[n]], cfg.reference[0]),
-                      _nearest([o[1] for o in options[n]], cfg.reference[1])) for n in searched}
+               + ([FLOAT] if cfg.float_choice else []) for n in searched}
+    ref_choice = {n: (_nearest([o[0] for o in options[n] if o != FLOAT], cfg.reference[0]),
+                      _nearest([o[1] for o in options[n] if o != FLOAT], cfg.reference[1])) for n in searched}
     ref_policy = policy_from_choice(ckpt["model_name"], target.name, costs, ref_choice, (chans, size, size),
                                     int(ckpt["num_classes"]))
     ref = copy.deepcopy(model)
@@ -228,7 +232,7 @@ def hessian_table(model: nn.Module, names: list[str], options: dict, samples: di
     for n in names:
         layer = model.get_submodule(n)
         tw, ta = traces[n]["weight"], traces[n]["input"]
-        err_w, err_a = {}, {}
+        err_w, err_a = {FLOAT[0]: 0.0}, {FLOAT[1]: 0.0}  # a float layer adds no quantization error
         for w, a in options[n]:
             if w not in err_w:
                 err_w[w] = _quant_error(weight_quantizer(w, layer.weight.shape[0]), layer.weight.detach())
@@ -256,8 +260,9 @@ def finetune_table(ref: nn.Module, train, held_idx: list[int], names: list[str],
     torch.manual_seed(cfg.seed)
     base = _finetune(copy.deepcopy(ref), warm, cfg.finetune_lr)
     loss_base = loss_and_top1(_finetune(copy.deepcopy(base), branch, cfg.finetune_lr), evals)[0]
-    jobs = {n: sorted({(w, ref_choice[n][1]) for w, _ in options[n]} | {(ref_choice[n][0], a) for _, a in options[n]})
-            for n in names}
+    jobs = {n: sorted({(w, ref_choice[n][1]) for w, _ in options[n] if (w, _) != FLOAT}
+                      | {(ref_choice[n][0], a) for _, a in options[n] if (_, a) != FLOAT}
+                      | ({FLOAT} & set(options[n]))) for n in names}
     total, done = sum(len(v) for v in jobs.values()), 0
     out = {}
     for n in names:
@@ -272,7 +277,7 @@ def finetune_table(ref: nn.Module, train, held_idx: list[int], names: list[str],
             done += 1
             emit(callback, ProgressEvent("step", "sensitivity finetune", 1, 1, done, total))
         wr, ar = ref_choice[n]
-        out[n] = [single[(w, ar)] + single[(wr, a)] for w, a in options[n]]
+        out[n] = [single[FLOAT] if (w, a) == FLOAT else single[(w, ar)] + single[(wr, a)] for w, a in options[n]]
     return {"table": out, "loss_base": loss_base, "steps": cfg.finetune_steps, "warmup": cfg.finetune_warmup}
 
 
@@ -296,8 +301,11 @@ def deltas(table: dict, kind: str = "ptq") -> dict[str, list[float]]:
     return part
 
 
-def cost_table(table: dict) -> CostTable:
-    """Return the CostTable a sensitivity table was measured with (its searched layers counted)."""
+def cost_table(table: dict, lut: dict | None = None, rest_ms: float = 0.0) -> CostTable:
+    """Return the CostTable a sensitivity table was measured with (its searched layers counted, its edges at
+    the target's highest bits), priced for latency with `lut` (an `asga lut` table) when given."""
     layers = {n: LayerCost(n, c["kind"], int(c["macs"]), int(c["params"]), bool(c["input_signed"]))
               for n, c in table["costs"].items()}
-    return CostTable(layers, tuple(table["layers"]))
+    edges = table.get("edges", [])
+    fixed = {n: get_target(table["target"]).highest(layers[n].input_signed) for n in edges} if edges else None
+    return CostTable(layers, tuple(table["layers"]), fixed, lut, rest_ms)

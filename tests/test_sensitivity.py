@@ -23,7 +23,7 @@ from asga_deploy.oracle import (
 )
 from asga_deploy.policy import Policy, validate_policy
 from asga_deploy.ptq import reestimate_bn
-from asga_deploy.sensitivity import SensitivityConfig, cost_table, measure
+from asga_deploy.sensitivity import SensitivityConfig, cost_table, deltas, measure
 
 BITS = (2, 4, 8)
 
@@ -145,3 +145,26 @@ def test_eval_policy_after_ptq(cli, float_ckpt, policy_file, one_error_line):
     assert "add --ptq --float" in one_error_line(cli("eval", pol))
     other = policy_file(4, 4, model="tinyresnet")
     assert "is for tinyresnet" in one_error_line(cli("eval", other, "--ptq", "--float", float_ckpt))
+
+
+def test_float_choice_and_a_latency_budget(float_ckpt, tmp_path):
+    """The oracle measures the float choice too; with a latency table the best policy meets a latency budget."""
+    from asga_deploy.cost import FLOAT, choice_key
+    from asga_deploy.oracle import oracle_policy_file, write_table
+
+    cfg = SensitivityConfig(str(float_ckpt), target="sim", weight_bits=BITS, act_bits=BITS, reference=(4, 4),
+                            images=32, calib_images=16, bn_images=16, batch_size=16, hessian_samples=1,
+                            hessian_images=16, finetune_steps=1, finetune_warmup=1, finetune_batch=8, float_choice=True)
+    t = measure(cfg)
+    for kind in ("ptq", "finetune", "hessian"):
+        d = deltas(t, kind)
+        assert all(len(d[n]) == 10 for n in t["layers"]) and options_of(t)["conv2"][-1] == FLOAT
+    assert deltas(t, "hessian")["conv2"][-1] == 0.0  # no quantization error in float
+    lut = {n: {**{choice_key(w, a): 0.1 for w in BITS for a in BITS}, "float": 0.3} for n in t["costs"]}
+    (tmp_path / "lut.json").write_text(json.dumps({"layers": lut, "rest_ms": 0.05}))
+    table = write_table(t, tmp_path / "sens")
+    budget = Budget.from_options(latency="0.85ms", tol=0.5)
+    path, pol, info = oracle_policy_file(table, budget, out_dir=tmp_path / "pol", lut=tmp_path / "lut.json")
+    assert info["latency"]["predicted_ms"] <= 0.85 + 1e-9 and pol.provenance["metrics"]["latency"]["lut"]
+    # edges at 8 bits (0.2 ms), rest 0.05: 0.6 ms left for the two searched layers: at most one float layer
+    assert len(pol.float_layers) <= 1

@@ -136,11 +136,12 @@ def search(
 
         if sensitivity is None:
             raise AsgaError("--method sensitivity needs --sensitivity TABLE (written by `asga sensitivity`)")
-        budget = Budget.from_options(budget_bitops, budget_gbitops, budget_weight_mb, tol, budget_size_mb)
+        budget = Budget.from_options(budget_bitops, budget_gbitops, budget_weight_mb, tol, budget_size_mb,
+                                     budget_latency)
         if budget is None:
             raise AsgaError("--method sensitivity needs a budget: --budget-bitops, --budget-gbitops or "
                             "--budget-weight-mb")
-        path, pol, info = oracle_policy_file(sensitivity, budget, oracle, pick, seed, out, name, force)
+        path, pol, info = oracle_policy_file(sensitivity, budget, oracle, pick, seed, out, name, force, lut)
         console.print(f"wrote {path}: BitOPs {pol.cost['bitops_vs_w8a8']:.4f} of W8A8, weight bytes "
                       f"{pol.cost['weight_bytes']:.0f}; predicted loss increase "
                       + ", ".join(f"{k} {v:+.4f}" for k, v in info["predicted"].items()))

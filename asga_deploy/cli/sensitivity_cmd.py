@@ -47,6 +47,7 @@ def sensitivity(
     finetune_warmup: int = typer.Option(200, min=0, help="steps of the reference before the single-layer changes"),
     hessian_samples: int = typer.Option(4, min=0,
                                         help="Rademacher vectors per batch for the Hessian traces (0: skip)"),
+    float_choice: bool = typer.Option(False, "--float-choice", help="also measure each layer left float"),
     seed: int = typer.Option(0, **SEED, help="seed of the held-out images, fine-tune batches and probes"),
     out: Path = typer.Option(None, help="output folder (default runs/sensitivity/<model>-<dataset>-w<W>a<A>)"),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="accept an interrupted float.pt"),
@@ -64,8 +65,8 @@ def sensitivity(
     ref = _reference(reference, budget_bitops, tuple(set(wb) & set(ab)) or wb)
     cfg = SensitivityConfig(str(float_ckpt), dataset, str(data_dir) if data_dir else None, target, wb, ab, ref,
                             images, calib_images, bn_images, finetune_steps=finetune_steps,
-                            finetune_warmup=finetune_warmup, hessian_samples=hessian_samples, seed=seed,
-                            allow_incomplete=allow_incomplete)
+                            finetune_warmup=finetune_warmup, hessian_samples=hessian_samples,
+                            float_choice=float_choice, seed=seed, allow_incomplete=allow_incomplete)
     cfg.check()
     get_target(target)
     ckpt = load_checkpoint(float_ckpt, "float", allow_incomplete)
