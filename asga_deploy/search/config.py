@@ -53,6 +53,7 @@ class SearchConfig:
     lam_max: float = 10.0
     band: float = 0.0  # the controller acts only outside [(1 - band) T, T]
     start_at_budget: bool = True  # logits start with a cost bias that puts C(alpha_0) at the budget
+    prior_space: str = "logit"  # the cost bias on the raw logits ("logit") or on alpha / tau ("score")
     freeze_frac: float = 0.15  # the logits are frozen for this last fraction of the steps; the weights train on
     tol: float = 0.03
     tau_start: float = 1.0

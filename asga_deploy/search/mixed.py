@@ -34,8 +34,10 @@ class _MixedMixin:
         sample = calibration_sample(calib_input)
         for q in self.aq:
             q.init_mse(sample)
-        # a cost prior added to alpha / tau (search/controller.start_at_budget): it shapes the start and does
-        # not grow as the temperature falls, so the learned logits, not the prior, decide the end policy
+        # a cost prior (search/controller.start_at_budget), on the raw logits ("logit": it grows as 1 / tau
+        # with them, so no crossover between prior and logits moves the argmax while tau falls) or on
+        # alpha / tau ("score": it fades against the learned logits as tau falls)
+        self.prior_space = "logit"
         self.register_buffer("prior_w", torch.zeros(len(w_bits), device=dev))
         self.register_buffer("prior_a", torch.zeros(len(a_bits), device=dev))
         self.register_buffer("w_bits_t", torch.tensor(w_bits, dtype=torch.float32, device=dev), persistent=False)
@@ -49,18 +51,22 @@ class _MixedMixin:
             self.alpha_f = nn.Parameter(torch.full((2,), alpha_init, device=dev))
             self.register_buffer("prior_f", torch.zeros(2, device=dev))
 
+    def _z(self, alpha: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        return (alpha + prior) / self.tau if self.prior_space == "logit" else alpha / self.tau + prior
+
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the decision variables (alpha_w / tau + prior_w, alpha_a / tau + prior_a)."""
-        return self.alpha_w / self.tau + self.prior_w, self.alpha_a / self.tau + self.prior_a
+        """Return the decision variables of the weight and input choices ((alpha + prior) / tau, or
+        alpha / tau + prior)."""
+        return self._z(self.alpha_w, self.prior_w), self._z(self.alpha_a, self.prior_a)
 
     def probs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (softmax(alpha_w / tau + prior_w), softmax(alpha_a / tau + prior_a))."""
+        """Return the softmaxes of the weight and input decision variables."""
         zw, za = self.scores()
         return F.softmax(zw, 0), F.softmax(za, 0)
 
     def float_score(self) -> torch.Tensor | None:
         """Return the gate's decision variables (quantized, float), or None without the float choice."""
-        return self.alpha_f / self.tau + self.prior_f if self.float_choice else None
+        return self._z(self.alpha_f, self.prior_f) if self.float_choice else None
 
     def prob_float(self) -> torch.Tensor:
         """Return the probability of the float choice (0 without it)."""

@@ -64,6 +64,8 @@ class SearchRecipe:
         self.total = cfg.epochs * data.steps_per_epoch
         self.freeze_step = min(self.total, math.ceil((1.0 - cfg.freeze_frac) * self.total))
         self.net.set_temperature(cfg.tau_start)
+        for m in self.net.mixed_layers().values():
+            m.prior_space = cfg.prior_space
         beta = start_at_budget(self.net, self.budget_use) if self.limits and cfg.start_at_budget else 0.0
         start = {n: [p.tolist() for p in m.arch_parameters()] for n, m in self.net.mixed_layers().items()}
         self.state = {"log": [], "epochs": [], "beta": beta, "start_logits": start,

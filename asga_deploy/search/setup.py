@@ -60,7 +60,8 @@ def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, Budget
     for name, val, allowed in (("objective", cfg.objective, OBJECTIVES), ("rho rule", cfg.rho_rule, RHO_RULES),
                                ("alpha data", cfg.alpha_data, ("same", "heldout")),
                                ("edge bits", cfg.edge_bits, ("8", "float")), ("perturb", cfg.perturb, PERTURBS),
-                               ("alpha lr rule", cfg.alpha_lr_rule, ("tau", "tau-cos", "fixed"))):
+                               ("alpha lr rule", cfg.alpha_lr_rule, ("tau", "tau-cos", "fixed")),
+                               ("prior space", cfg.prior_space, ("logit", "score"))):
         if val not in allowed:
             raise AsgaError(f"{name} {val!r} unknown; choose one of {', '.join(allowed)}")
     check_bits(cfg.weight_bits, "weight")
