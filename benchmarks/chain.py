@@ -55,15 +55,15 @@ def search(root: Path, model: str, dataset: str, objective: str, seed: int, budg
     from asga_deploy.search.run import SearchConfig, run_search
 
     tag = tag or objective
-    name = search_stem(model, tag, budget, seed)
+    cfg = SearchConfig(**{"model": model, "dataset": dataset, "subset": subset, "objective": objective,
+                          "epochs": epochs, "seed": seed, "target": "ort", "budget_bitops": budget,
+                          "init": str(float_ckpt), "allow_diagnostics": allow_diagnostics} | overrides)
+    name = artifact_stem(model, tag, cfg.budget().tag(), seed=seed)  # = search_stem() for a BitOPs ratio
     pol_path = root / "policies" / f"{name}.json"
     meta_path = root / "policies" / f"{name}.meta.json"
     if pol_path.exists() and meta_path.exists():
         return json.loads(meta_path.read_text())
     log(f"search {name} (subset {subset}, {epochs} epochs)")
-    cfg = SearchConfig(model=model, dataset=dataset, subset=subset, objective=objective, epochs=epochs, seed=seed,
-                       target="ort", budget_bitops=budget, init=str(float_ckpt), allow_diagnostics=allow_diagnostics,
-                       **overrides)
     run_dir = root / "search" / name
     t0 = time.perf_counter()
     res = run_search(cfg, proxy_data(cfg), out_dir=root / "policies", run_dir=run_dir, name=name, force=True,

@@ -31,7 +31,6 @@ from chain import (
     log,
     paired,
     search,
-    search_stem,
     spread,
     write_result,
 )
@@ -45,6 +44,19 @@ METHODS = {  # label: (objective, overrides)
     "asga-quantized": ("asga", {"perturb": "quantized"}), "asga-asam": ("asga", {"perturb": "asam"}),
 }
 SWEEP = [("gamma", 0.01), ("gamma", 0.05), ("gamma", 0.1), ("epsilon", 0.05), ("epsilon", 0.2)]
+
+
+def search_budget(budget, table: dict) -> dict:
+    """Return the SearchConfig budget fields of a headroom budget (BitOPs ratio, or a relative size limit as the
+    searched layers' weight megabytes)."""
+    lim = budget.limits[0]
+    if lim.metric == "bitops" and lim.relative:
+        return {}  # chain.search passes the BitOPs ratio itself
+    if lim.metric == "size" and lim.relative and not lim.whole:
+        from asga_deploy.sensitivity import cost_table
+
+        return {"budget_bitops": None, "budget_weight_mb": lim.value * cost_table(table).reference("size") / 8e6}
+    raise SystemExit(f"search_quality cannot search the budget {budget.describe()}")
 
 
 def bits_of(policy: str | Path, layers: list[str]) -> dict[str, tuple[int, int]]:
@@ -82,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--search-epochs", type=int, default=10)
+    ap.add_argument("--search-overrides", type=json.loads, default={},
+                    help="JSON SearchConfig overrides applied to every search (the tuned controller settings)")
     ap.add_argument("--float-epochs", type=int, default=4)
     ap.add_argument("--sweep", action="store_true", help="also asga's gamma / epsilon sweep")
     ap.add_argument("--finetune-epochs", type=int, default=1)
@@ -124,15 +138,15 @@ def main(argv=None) -> int:
     def run_searches(label: str, objective: str, overrides: dict) -> list[dict]:
         runs = []
         for seed in range(args.seeds):
-            meta = base / "policies" / f"{search_stem(args.model, label, ratio, seed)}.meta.json"
             if args.report_only:
-                if meta.exists():
-                    runs.append(json.loads(meta.read_text()))
+                metas = sorted((base / "policies").glob(f"{args.model}-{label}-*-s{seed}.meta.json"))
+                metas = [m for m in metas if json.loads(m.read_text())["tag"] == label]
+                if metas:
+                    runs.append(json.loads(metas[0].read_text()))
                 continue
-            if budget.limits[0].metric != "bitops":
-                raise SystemExit("search_quality searches BitOPs budgets (the search's --budget-bitops)")
             runs.append(search(base, args.model, args.dataset, objective, seed, ratio, PROXY, args.search_epochs,
-                               float_ckpt, tag=label, allow_diagnostics=True, proxy_seed=0, **overrides))
+                               float_ckpt, tag=label, allow_diagnostics=True, proxy_seed=0,
+                               **(search_budget(budget, table) | args.search_overrides | overrides)))
         return runs
 
     # 1. does the policy matter here?
