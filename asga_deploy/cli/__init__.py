@@ -14,6 +14,7 @@ app = typer.Typer(name="asga", cls=OneLineErrors, no_args_is_help=True, add_comp
 
 # each module registers its commands on `app` (order = order in --help)
 from . import train_cmd, search_cmd, sensitivity_cmd, finetune_cmd, export_cmd, demo_cmd, policy_cmd  # noqa: E402,F401,I001
+from . import lut_cmd  # noqa: E402,F401
 
 
 def main() -> None:

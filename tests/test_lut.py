@@ -1,0 +1,232 @@
+"""Measured latency tables (asga lut) on tiny models with a fake timer: every key, the cache key, the rest term,
+the file round trip, predict_latency, the TensorRT graphs' static check, and float layers in the middle of a
+policy exported on integer kernels."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from asga_deploy.cost import CostTable  # noqa: E402
+from asga_deploy.lut import build, measure  # noqa: E402
+from asga_deploy.lut.build import LutConfig, run_lut  # noqa: E402
+from asga_deploy.lut.table import LatencyTable, LutError, load_lut, predict_latency  # noqa: E402
+from asga_deploy.policy import LayerBits, Policy, costs_at, uniform_policy  # noqa: E402
+from asga_deploy.targets import get_target  # noqa: E402
+
+LAYERS = ("conv1", "conv2", "conv3", "fc")  # tinynet
+INT8 = {"conv1": 0.30, "conv2": 0.20, "conv3": 0.10, "fc": 0.05}
+OVERHEAD, TRANSPOSE, REST, WHOLE_FLOAT = 0.01, 0.02, 0.40, 9.0
+
+
+def fake_median_times(units, batch, cfg, callback=None, sequences=None):
+    """Deterministic times by key: int8 units INT8 + their transposes, requant +0.05, float islands x3, the whole
+    int8 model = REST + the int8 entries, each island variant + 1 ms per float layer in it."""
+    out = {}
+    for seq, keys in (sequences or {}).items():
+        for k in keys:
+            kernel, layer = k.split("|", 1)
+            base = INT8[layer] + OVERHEAD
+            ms = {"int8": base, "requant": base + 0.05, "float": 3 * base}[kernel]
+            out[f"{seq}/{k}"] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "runs": 1}
+    for k in units:
+        if any(k in s for s in (sequences or {}).values()):
+            continue
+        if k == "overhead":
+            ms = OVERHEAD
+        elif k.startswith("transpose|"):
+            ms = OVERHEAD + TRANSPOSE
+        elif k == "whole|int8":
+            ms = REST + sum(INT8.values())
+        elif k == "whole|requant":
+            ms = REST + sum(INT8.values()) + 0.05 * len(INT8)
+        elif k.startswith("island|"):
+            ms = REST + sum(INT8.values()) + len(k.split("|")[1:])
+        else:
+            ms = WHOLE_FLOAT
+        out[k] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "runs": 1}
+    return out
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    calls = []
+
+    def timer(*args, **kwargs):
+        calls.append(args[0])
+        return fake_median_times(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "median_times", timer)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory):
+    """A tinynet table built once with the fake timer (the graphs, cuts and transposes are real)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(measure, "median_times", fake_median_times)
+    try:
+        out = tmp_path_factory.mktemp("lut") / "tiny.json"
+        return run_lut(LutConfig("tinynet", "ort", 2, threads=1, out=str(out), rounds=1))
+    finally:
+        mp.undo()
+
+
+def test_table_has_every_key_of_the_target(tiny_table):
+    ort = get_target("ort")
+    assert tiny_table.layers == list(LAYERS)
+    for n, row in tiny_table.lut.items():
+        signed = tiny_table.data["layer_info"][n]["input_signed"]
+        want = {f"w{w}a{a}" for w in ort.weight_bits for a in ort.act_bits(signed)} | {"w8a8", "float"}
+        assert set(row) == want, n
+        assert all(math.isfinite(v) for v in row.values())
+
+
+def test_entries_follow_the_kernels_and_the_rest_term_closes_the_int8_model(tiny_table):
+    d = tiny_table.data
+    for n in LAYERS:
+        k = d["kernels"][n]
+        row = tiny_table.lut[n]
+        assert row["w8a8"] == row["w7a8"] == k["int8"]
+        assert row["w4a4"] == row["w2a7"] == k["requant"]
+        assert row["float"] == k["float"]
+        n_tr, n_req = (len(d["unit_transposes"][f"{u}|{n}"]) for u in ("int8", "requant"))
+        assert k["int8"] == pytest.approx(INT8[n] - n_tr * TRANSPOSE)  # the boundary Transposes come off
+        rho = d["requant_layout_share"]  # the share of them the measured 4-bit model keeps
+        assert k["requant"] == pytest.approx(INT8[n] + 0.05 - (1 - rho) * n_req * TRANSPOSE)
+        assert k["float"] == pytest.approx(k["float_unit"] + k["transition"])
+        assert k["transition"] == pytest.approx(d["transition_share"] * k["transition_alone"])
+    assert any(d["unit_transposes"].values())  # ORT changes layout around integer convs
+    whole = d["reference_ms"]["w8a8"]
+    assert tiny_table.rest_ms == pytest.approx(whole - sum(d["kernels"][n]["int8"] for n in LAYERS))
+    assert predict_latency(tiny_table, uniform_policy("tinynet", 8, 8, "ort")) == pytest.approx(whole)
+    four = REST + sum(INT8.values()) + 0.05 * len(INT8)  # the 4-bit model comes out as measured, too
+    assert predict_latency(tiny_table, _policy({n: (7, 4) for n in LAYERS})) == pytest.approx(four)
+
+
+def test_float_pairs_get_an_edge_and_the_check_is_recorded(tiny_table):
+    edges = tiny_table.edges
+    assert [(e["from"], e["to"]) for e in edges] == [("conv1", "conv2"), ("conv2", "conv3")]
+    for e in edges:  # the pair variant costs +2, each single +1: no correction in the fake timer
+        assert e["ms"] == pytest.approx(0.0)
+    checks = tiny_table.data["rest_check"]
+    assert set(checks) == {"every layer float", "every other layer float (module order)"}
+    assert checks["every layer float"]["measured_ms"] == WHOLE_FLOAT
+
+
+def test_the_file_round_trips_and_feeds_a_cost_table(tiny_table):
+    again = load_lut(tiny_table.path)
+    assert again.lut == tiny_table.lut and again.rest_ms == tiny_table.rest_ms and again.edges == tiny_table.edges
+    assert again.data["schema"] == "asga-lut/1" and Path(tiny_table.path).with_suffix(".png").is_file()
+    lut, rest = again.cost_inputs()
+    from asga_deploy.models import create_model
+
+    costs = costs_at(create_model("tinynet", 10, 1), (1, 28, 28), "tinynet")
+    table = CostTable(costs, ("conv2", "conv3"), {"conv1": (7, 8), "fc": (7, 8)}, lut, rest)
+    assert table.unit_cost("latency", "conv2", 4, 4) == round(lut["conv2"]["w4a4"] * 1e6)
+    assert table.constant("latency") == round(lut["conv1"]["w7a8"] * 1e6) + round(lut["fc"]["w7a8"] * 1e6) + round(
+        rest * 1e6)
+    with pytest.raises(LutError, match="other settings"):
+        load_lut(tiny_table.path, expect={"batch": 64})
+
+
+def test_a_broken_file_is_a_one_line_lut_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "asga-lut/1", "key": {}, "layers": {"a": {"float": "x"}}}))
+    with pytest.raises(LutError, match="malformed"):
+        load_lut(bad)
+    with pytest.raises(LutError, match="does not exist"):
+        load_lut(tmp_path / "missing.json")
+
+
+def test_cache_key_changes_with_threads_isa_and_batch(monkeypatch, tmp_path):
+    from asga_deploy.export import ort as export_ort
+
+    target = get_target("ort")
+    shape = (1, 28, 28)
+    base = LutConfig("tinynet", "ort", 1, threads=1)
+    paths = {}
+    k1 = build.table_key(base, target, shape, 1)
+    assert build.table_key(base, target, shape, 2) != k1
+    assert build.table_key(LutConfig("tinynet", "ort", 32), target, shape, 1) != k1
+    assert build.table_key(base, target, (1, 32, 32), 1) != k1
+    for kind in ("VNNI", "AVX2, no VNNI"):
+        monkeypatch.setattr(export_ort, "cpu_isa", lambda kind=kind: {"kind": kind})
+        paths[kind] = build.default_path(build.table_key(base, target, shape, 1))
+    assert paths["VNNI"] != paths["AVX2, no VNNI"]
+    assert "tinynet-ort-b1-1x28x28-t1-vnni-ort" in paths["VNNI"].name
+
+
+def test_a_cached_table_is_reused_unless_forced(fake_timer, tmp_path):
+    cfg = LutConfig("tinynet", "ort", 1, threads=1, out=str(tmp_path / "t.json"), rounds=1)
+    first = run_lut(cfg)
+    n = len(fake_timer)
+    again = run_lut(cfg)
+    assert len(fake_timer) == n and again.data.get("cached") and again.lut == first.lut
+    run_lut(cfg, force=True)
+    assert len(fake_timer) == 2 * n
+
+
+def _policy(choices: dict) -> Policy:
+    layers = {n: LayerBits(*c, False) for n, c in choices.items() if c is not None}
+    return Policy("tinynet", "ort", layers, [n for n, c in choices.items() if c is None])
+
+
+def test_predict_latency_sums_rest_layers_and_float_pair_edges():
+    lut = {"a": {"w4a4": 1.0, "w7a8": 2.0, "float": 5.0}, "b": {"w4a4": 0.5, "w7a8": 1.5, "float": 4.0},
+           "c": {"w4a4": 0.25, "w7a8": 0.75, "float": 3.0}}
+    table = LatencyTable({"model": "tinynet"}, lut, 10.0, [{"from": "a", "to": "b", "ms": -0.5}])
+    assert predict_latency(table, _policy({"a": (4, 4), "b": (7, 8), "c": None})) == pytest.approx(10 + 1 + 1.5 + 3)
+    assert predict_latency(table, _policy({"a": None, "b": (4, 4), "c": (4, 4)})) == pytest.approx(10 + 5 + 0.75)
+    assert predict_latency(table, _policy({"a": None, "b": None, "c": None})) == pytest.approx(10 + 12 - 0.5)
+    from asga_deploy.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="not in the policy: c"):
+        predict_latency(table, _policy({"a": (4, 4), "b": (4, 4)}))
+    with pytest.raises(PolicyError, match="no entry for a"):
+        predict_latency(table, _policy({"a": (2, 2), "b": (4, 4), "c": (4, 4)}))
+
+
+def test_tensorrt_is_refused_in_one_line_without_it(cli, one_error_line):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed")
+    except ImportError:
+        pass
+    line = one_error_line(cli("lut", "tinynet", "--target", "tensorrt"))
+    assert "TensorRT is not installed" in line
+
+
+def test_the_tensorrt_graphs_pass_the_static_check():
+    from asga_deploy.lut.trt import trt_graphs
+
+    graphs, costs = trt_graphs("tinynet", get_target("tensorrt"), (1, 28, 28), 10)
+    assert set(graphs) == {"int8", "requant", "float"} and list(costs) == list(LAYERS)
+    halves = {i.name for i in graphs["float"].graph.initializer if i.name.endswith(".weight.fp16")}
+    assert halves == {f"{n}.weight.fp16" for n in LAYERS}
+
+
+def test_lut_cli_prints_the_table(cli, fake_timer, tmp_path):
+    out = tmp_path / "cli.json"
+    r = cli("lut", "tinynet", "--batch-size", "2", "--threads", "1", "--rounds", "1", "--out", str(out))
+    assert r.exit_code == 0, r.stderr
+    assert "conv2" in r.stdout and "rest of the graph" in r.stdout and out.is_file()
+    r = cli("lut", "tinynet", "--batch-size", "0")
+    assert r.exit_code == 2
+
+
+def test_bad_lut_inputs_fail_in_one_line(cli, one_error_line, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "other.json").write_text("{}")
+    assert "unknown model" in one_error_line(cli("lut", "nosuchnet"))
+    assert "unknown target" in one_error_line(cli("lut", "tinynet", "--target", "nope"))
+    assert "afile is a file" in one_error_line(cli("lut", "tinynet", "--out", tmp_path / "afile" / "t.json"))
+    assert "not a latency table" in one_error_line(cli("lut", "tinynet", "--out", tmp_path / "other.json"))
+    assert (tmp_path / "other.json").read_text() == "{}" and not list(tmp_path.glob("*.png"))
