@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", default="bops9.4", choices=list(BUDGETS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--search-epochs", type=int, default=10)
+    ap.add_argument("--search-epochs", type=int, default=20)
     ap.add_argument("--search-overrides", type=json.loads, default={},
                     help="JSON SearchConfig overrides applied to every search (the tuned controller settings)")
     ap.add_argument("--float-epochs", type=int, default=4)

@@ -76,7 +76,7 @@ def search(
                                   help="budget controller: clamp of the integral"),
     prior_space: str = typer.Option("logit", "--prior-space", help="the starting cost bias on the raw logits "
                                     "(logit) or on alpha / tau (score)"),
-    band: float = typer.Option(0.0, "--band", callback=number(0, 1, hi_open=True),
+    band: float = typer.Option(0.1, "--band", callback=number(0, 1, hi_open=True),
                                help="budget controller: no action while the cost is in [(1 - band) T, T]"),
     freeze_frac: float = typer.Option(0.15, "--freeze-frac", callback=number(0, 1, hi_open=True),
                                       help="freeze the logits for this last fraction of "
@@ -84,7 +84,7 @@ def search(
     start_at_budget: bool = typer.Option(True, "--start-at-budget/--no-start-at-budget",
                                          help="start the logits with a cost bias that puts C(alpha_0) at the budget"),
     objective: str = typer.Option("asga", "--objective", help="asga | sam-align | sam | erm"),
-    epochs: int = typer.Option(15, "--epochs", min=1),
+    epochs: int = typer.Option(20, "--epochs", min=1),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed", **SEED),
     target: str = typer.Option("sim", "--target", help="sim | ort | tensorrt (narrows the candidates)"),
@@ -105,7 +105,8 @@ def search(
     lr: float = typer.Option(0.01, "--lr", callback=number(0, lo_open=True)),
     alpha_lr: float = typer.Option(0.05, "--alpha-lr", callback=number(0),
                                    help="logit learning rate (Adam), times tau by default"),
-    alpha_lr_rule: str = typer.Option("tau", "--alpha-lr-rule", help="tau (logit step alpha_lr * tau) | fixed"),
+    alpha_lr_rule: str = typer.Option("tau-cos", "--alpha-lr-rule", help="tau-cos (alpha_lr * tau, decaying to 0 at "
+                                      "the freeze) | tau (alpha_lr * tau) | fixed"),
     perturb: str = typer.Option("latent", "--perturb", help="latent | quantized | asam: what the sharpness step "
                                 "perturbs"),
     proxy_seed: int = typer.Option(0, "--proxy-seed", **SEED,
