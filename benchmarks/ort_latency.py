@@ -2,8 +2,9 @@
 
 Random weights (no hub access here); every quantized model is calibrated on the same random images.
 Two settings: batch 1 at 3x224x224 and batch 32 at 3x32x32 (each export is made at its input size).
-The models of a setting are timed in one process, alternating in rounds (K runs each per round, order
-rotated every round), and compared by their medians: the machine is shared, so absolute times are noisy
+The models of a setting are timed in one process, alternating in many short rounds (K runs each per round,
+order rotated every round, so that a burst of another job's load hits every model alike), and compared by
+their medians: the machine is shared, so absolute times are noisy
 and the ratios are the result. Run it when the machine is quiet (it refuses above --max-load).
 
 Our "W8A8" is the `ort` target's most precise uniform policy: 7-bit weights, 8-bit activations (8-bit
@@ -13,7 +14,7 @@ VNNI CPUs) and with reduce_range=True (7-bit weights, the same exactness as ours
 2..6-bit activations and 2..6-bit weights in every searched layer. Each of our exports is also checked:
 every quantized Conv/Gemm on an integer kernel, and ORT's logits bit-identical to the integer reference.
 
-    python benchmarks/ort_latency.py [--rounds 20 --runs 10 --threads 2 --max-load 1.2]
+    python benchmarks/ort_latency.py [--rounds 400 --runs 1 --threads 2 --max-load 1.2]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -112,22 +114,35 @@ def our_export(float_model: torch.nn.Module, policy: Policy, size: int, path: Pa
 
 
 def time_alternating(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, runs: int) -> dict:
-    """Time the models in alternating rounds; return median/p10/p90 ms and counts per model."""
+    """Time the models in alternating rounds; return per model the median/p10/p90 ms of all runs and the mean of
+    each round (for ratios paired within a round: robust to load that drifts between rounds)."""
     sessions = {k: session(p, threads) for k, p in paths.items()}
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up
         for _ in range(5):
             s.run(None, feeds[k])
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    per_round: dict[str, list[float]] = {k: [] for k in sessions}
     keys = list(sessions)
     for r in range(rounds):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t = []
             for _ in range(runs):
                 t0 = time.perf_counter()
                 sessions[k].run(None, feeds[k])
-                times[k].append((time.perf_counter() - t0) * 1000)
+                t.append((time.perf_counter() - t0) * 1000)
+            times[k] += t
+            per_round[k].append(float(np.mean(t)))
     return {k: {"median_ms": float(np.median(v)), "p10_ms": float(np.percentile(v, 10)),
-                "p90_ms": float(np.percentile(v, 90)), "n": len(v)} for k, v in times.items()}
+                "p90_ms": float(np.percentile(v, 90)), "n": len(v), "per_round_ms": per_round[k]}
+            for k, v in times.items()}
+
+
+def paired(timing: dict, a: str, b: str, seed: int = 0) -> dict:
+    """Return the median over rounds of a's time / b's time in the same round, with a bootstrap 95% interval."""
+    r = np.asarray(timing[a]["per_round_ms"]) / np.asarray(timing[b]["per_round_ms"])
+    boot = np.median(np.random.default_rng(seed).choice(r, (1000, len(r))), axis=1)
+    return {"median": float(np.median(r)), "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}
 
 
 def kernels(path: Path) -> dict:
@@ -140,6 +155,20 @@ def kernels(path: Path) -> dict:
             "gemm": "+".join(v["kernel"] for v in gemms.values()) or "absent",
             "pooling": "QLinearGlobalAveragePool" if ops.get("QLinearGlobalAveragePool") else "GlobalAveragePool",
             "not_integer": k["not_integer"], "optimized_ops": ops}
+
+
+def _busy_s() -> tuple[float, float]:
+    """Return (CPU seconds every process has used, this process's CPU seconds) so far."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), r.ru_utime + r.ru_stime
+
+
+def others_share(start: tuple[float, float, float]) -> float:
+    """Return the fraction of the machine's CPU time other processes used since `start` (wall, busy, self)."""
+    wall, busy, own = time.perf_counter(), *_busy_s()
+    return max(0.0, (busy - start[1]) - (own - start[2])) / ((wall - start[0]) * os.cpu_count())
 
 
 def wait_for_quiet(max_load: float, patience_s: int) -> float:
@@ -155,12 +184,14 @@ def wait_for_quiet(max_load: float, patience_s: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=400)
+    ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-load", type=float, default=1.2)
     ap.add_argument("--patience", type=int, default=3600, help="seconds to wait for a quiet machine")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--attempts", type=int, default=6, help="timings of a setting redone while others took CPU")
+    ap.add_argument("--max-others", type=float, default=0.1, help="largest CPU share of other processes accepted")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -181,11 +212,17 @@ def main() -> None:
             log(f"{key}: our W8A8 (ort: 7-bit weights) and mixed exports, with their exactness check")
             exact = {"ours_w8a8": our_export(float_model, w8a8, size, paths["ours_w8a8"], batches),
                      "ours_mixed": our_export(float_model, mixed_policy(w8a8), size, paths["ours_mixed"], batches)}
-            loads[key] = wait_for_quiet(args.max_load, args.patience)
-            log(f"{key}: timing {args.rounds} rounds x {args.runs} runs, alternating (load {loads[key]:.2f})")
             x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-            timing = time_alternating(paths, x, args.threads, args.rounds, args.runs)
-            loads[key + "_after"] = os.getloadavg()[0]
+            for attempt in range(args.attempts):  # other jobs may start meanwhile: time again if they took CPU
+                loads[key] = wait_for_quiet(args.max_load, args.patience)
+                log(f"{key}: timing {args.rounds} rounds x {args.runs} runs, alternating (load {loads[key]:.2f})")
+                start = (time.perf_counter(), *_busy_s())
+                timing = time_alternating(paths, x, args.threads, args.rounds, args.runs)
+                loads[key + "_others_cpu_share"] = others_share(start)
+                if loads[key + "_others_cpu_share"] <= args.max_others:
+                    break
+                log(f"{key}: other processes took {100 * loads[key + '_others_cpu_share']:.0f}% of the CPU while "
+                    f"timing (attempt {attempt + 1})")
             med = {k: v["median_ms"] for k, v in timing.items()}
             results[key] = {"batch": batch, "input": [3, size, size], "timing": timing,
                             "ratios": {"ours_w8a8_vs_ort_quantize_static": med["ours_w8a8"] / med["ort_quantize_static"],
@@ -195,6 +232,10 @@ def main() -> None:
                                        "ours_w8a8_vs_fp32": med["ours_w8a8"] / med["fp32"],
                                        "ours_mixed_vs_fp32": med["ours_mixed"] / med["fp32"],
                                        "ort_quantize_static_vs_fp32": med["ort_quantize_static"] / med["fp32"]},
+                            "paired_ratios": {f"{a}_vs_{b}": paired(timing, a, b) for a, b in (
+                                ("ours_w8a8", "ort_quantize_static"), ("ours_w8a8", "ort_quantize_static_reduce_range"),
+                                ("ours_mixed", "ours_w8a8"), ("ours_w8a8", "fp32"), ("ours_mixed", "fp32"),
+                                ("ort_quantize_static", "fp32"))},
                             "integer_kernels": {k: kernels(paths[k]) for k in names[1:]},
                             "exactness": exact,
                             "mixed_policy": {n: [b.weight_bits, b.act_bits]
@@ -210,7 +251,9 @@ def main() -> None:
                            "ours_mixed": f"searched layers cycle (w, a) through {list(MIXED)}; first conv and fc W7A8",
                            "threads": args.threads, "rounds": args.rounds, "runs_per_round": args.runs,
                            "timing": "alternating rounds, order rotated per round; medians of all runs; started "
-                                     f"only below a 1-minute load of {args.max_load} (the machine is shared)",
+                                     f"only below a 1-minute load of {args.max_load} and redone while other "
+                                     f"processes used more than {100 * args.max_others:.0f}% of the CPU "
+                                     "(machine.load_avg_1min records both; the machine is shared)",
                            "ratio_definition": "median latency of our W8A8 export / ORT quantize_static (QDQ, "
                                                "per-channel, U8S8, defaults), worst of the two settings",
                            "targets": {"ours_w8a8_vs_ort_quantize_static": "<= 1.0 at both settings",
@@ -230,6 +273,7 @@ def main() -> None:
     for key, res in results.items():
         print(key, {k: round(v["median_ms"], 3) for k, v in res["timing"].items()},
               {k: round(v, 3) for k, v in res["ratios"].items()},
+              {k: round(v["median"], 3) for k, v in res["paired_ratios"].items()},
               {k: f"{v['convs_integer']}/{v['convs']} {v['gemm']} {v['pooling']}" for k, v in res["integer_kernels"].items()})
     print("CPU:", isa["kind"], "| targets met:", report["targets_met"])
     print("written", args.out)

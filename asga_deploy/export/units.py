@@ -255,32 +255,17 @@ def relax_relu6(model: nn.Module) -> list[str]:
 
 
 def mark_requant(model: nn.Module) -> list[str]:
-    """Flag every sub-8-bit activation quantizer whose input is a single-consumer conv (or ReLU(conv), pooling, or
-    quantized residual Add) output to lower as Q8 -> DQ -> Clip -> Q -> DQ; return their names.
+    """Flag every sub-8-bit activation quantizer to lower as Q8(s) -> Clip(codes) -> DQ(s); return their names.
 
-    The first 8-bit pair ends the producer's node unit (it fuses into an integer kernel); the Clip is then an
-    elementwise requantization, bit-identical to the b-bit quantizer. Nowhere else: after a DequantizeLinear
-    of another scale, ONNX Runtime merges the two Q/DQ pairs and the values change.
+    The 8-bit Q ends the producer's node unit (a conv, pooling or residual Add before it fuses into an integer
+    kernel); the b-bit range is then a Clip on the UINT8 codes, bit-identical to the b-bit quantizer and one
+    byte-wide op. After a DequantizeLinear of another scale it is the cheapest requantization too (DQ -> Q ->
+    Clip), and ONNX Runtime does not merge it with the pair before: its DoubleQDQPairsRemover needs a Q followed
+    by a DQ, which the Clip separates (a Q8 -> DQ -> Clip -> Q -> DQ form there would be merged, changing values).
     """
-    graph = trace_model(model)
-    if graph is None:
-        return []
     marked = []
-    for node in graph.nodes:
-        name = _quantizer_name(model, node)
-        if name is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
-            continue
-        q = model.get_submodule(name)
-        if q.bits >= 8 or q.per_channel:
-            continue
-        src = node.args[0]
-        if is_relu(model, src) and src.args and isinstance(src.args[0], torch.fx.Node):
-            src = src.args[0]
-        while isinstance(module_of(model, src), _PASS) and len(src.users) == 1 and src.args:
-            src = src.args[0]
-        producer = isinstance(module_of(model, src), QuantConv2d) or is_global_pool(model, src) or (
-            is_add(src) and all(isinstance(module_of(model, a), FakeQuantizer) for a in src.args[:2]))
-        if producer and _output_quantizer(model, src, _PASS if not is_add(src) else ()) == name:
+    for name, q in model.named_modules():
+        if isinstance(q, FakeQuantizer) and not q.per_channel and q.bits < 8 and not name.endswith("weight_quantizer"):
             q.requant8 = True
             marked.append(name)
     return marked
