@@ -17,11 +17,12 @@ from .budget import Budget
 from .cost import layer_costs
 from .errors import OptionError
 from .export.onnx_qdq import export_float
-from .export.ort import ParityConfig
+from .export.ort import ParityConfig, default_threads
 from .export.run import ExportConfig, run_export
-from .export.timing import alternate_latency
 from .finetune import FinetuneConfig, run_finetune
 from .io import atomic_write_json, check_output_dir, machine_info, provenance, versions
+from .lut.measure import TimingConfig, median_times
+from .lut.units import Unit
 from .models import create_model, model_info
 from .naming import artifact_stem, uniform_stem
 from .policy import Policy, model_cost_table, uniform_policy
@@ -51,8 +52,8 @@ class DemoConfig:
     seed: int = 0
     parity_images: int = 1000
     latency_batches: tuple[int, ...] = (1, 32)
-    latency_rounds: int = 5
-    latency_iters: int = 20
+    latency_rounds: int = 20
+    latency_iters: int = 20  # most runs of one model per round (each round gives it about 20 ms)
     out_dir: str = "export/demo"
     redo: bool = False
 
@@ -167,7 +168,7 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
                      "weight_bytes_total": pol.cost["weight_bytes_total"], "onnx": rep["onnx"],
                      "onnx_bytes": rep["sizes"].get("file_bytes"),
                      "parity_agreement": rep["parity"]["top1_agreement"],
-                     "integer_layers": _integer_count(rep)})
+                     "integer_layers": _integer_count(rep), "session_config": rep.get("ort_session_config") or {}})
 
     # 6. latency: fp32 ONNX of the float model vs every quantized ONNX, alternated in one run
     t0 = _step(callback, "latency", f"ONNX Runtime, batches {list(cfg.latency_batches)}, "
@@ -175,8 +176,9 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
     fp32 = float_dir / "model.fp32.onnx"
     if not fp32.exists() or cfg.redo:
         export_float(float_ckpt, fp32)
-    lat = alternate_latency({"float": str(fp32), **{r["label"]: r["onnx"] for r in rows}}, cfg.latency_batches,
-                            cfg.latency_rounds, cfg.latency_iters)
+    lat = shared_pool_latency({"float": str(fp32), **{r["label"]: r["onnx"] for r in rows}}, cfg.latency_batches,
+                              cfg.latency_rounds, cfg.latency_iters, (in_chans, size, size),
+                              {k: v for r in rows for k, v in r["session_config"].items()})
     times["latency_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - t_all
     summary = {"config": asdict(cfg), "float": {"top1": train_report["top1"], "epochs": cfg.train_epochs,
@@ -186,6 +188,26 @@ def run_demo(cfg: DemoConfig, callback: Callback | None = None) -> dict:
     atomic_write_json(root / "demo.json", summary)
     write_report(summary, root)
     return summary
+
+
+def shared_pool_latency(models: dict[str, str], batches, rounds: int, max_runs: int, shape: tuple[int, int, int],
+                        session_config: dict[str, str]) -> dict:
+    """Return per-model, per-batch median latency (ms) over alternating rounds, and speed-ups over 'float'.
+
+    Timed in a fresh process whose sessions share ONE intra-op thread pool (lut/worker.py): with a pool per
+    session, the idle sessions' threads spin while another one runs and alternating timings come out bimodal.
+    """
+    threads = default_threads()
+    units = {k: Unit(k, Path(p).read_bytes(), shape, "float32") for k, p in models.items()}
+    tcfg = TimingConfig(rounds=rounds, target_ms=20.0, max_runs=max_runs, threads=threads,
+                        session_config=tuple(sorted(session_config.items())))
+    out: dict = {"threads": threads, "rounds": rounds, "iters_per_round": f"about 20 ms, at most {max_runs} runs",
+                 "thread_pool": "one shared pool", "batches": {}}
+    for b in batches:
+        t = median_times(units, b, tcfg)
+        med = {k: float(t[k]["median_ms"]) for k in models}
+        out["batches"][str(b)] = {"median_ms": med, "vs_float": {k: v / med["float"] for k, v in med.items()}}
+    return out
 
 
 def _integer_count(rep: dict) -> str:

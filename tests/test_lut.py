@@ -4,6 +4,7 @@ policy exported on integer kernels."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -230,3 +231,26 @@ def test_bad_lut_inputs_fail_in_one_line(cli, one_error_line, tmp_path):
     assert "afile is a file" in one_error_line(cli("lut", "tinynet", "--out", tmp_path / "afile" / "t.json"))
     assert "not a latency table" in one_error_line(cli("lut", "tinynet", "--out", tmp_path / "other.json"))
     assert (tmp_path / "other.json").read_text() == "{}" and not list(tmp_path.glob("*.png"))
+
+
+def test_export_times_a_latency_budgeted_policy_against_its_budget(tiny_table, tmp_path):
+    """A policy that records a latency budget and its table: `asga export` times the model as the table was
+    measured (its batch and threads) and reports measured, predicted and budget side by side."""
+    from asga_deploy.export.run import ExportConfig, run_export
+
+    from .test_export_helpers import make_checkpoint
+
+    pol = uniform_policy("tinynet", 4, 4, "ort")
+    predicted = predict_latency(tiny_table, pol)
+    pol.provenance["metrics"] = {"latency": {"predicted_ms": predicted, "budget_ms": 1e3, "lut": tiny_table.path}}
+    ppath, cpath, _ = make_checkpoint(tmp_path, "tinynet", 4, 4, "ort", policy=pol)
+    rep = run_export(ExportConfig(str(ppath), str(cpath), out_dir=str(tmp_path / "x"), latency_seconds=0.2))
+    lb = rep["latency_budget"]
+    assert lb["status"] == "measured" and lb["batch"] == 2 and lb["threads"] == 1 and lb["runs"] >= 10
+    assert lb["predicted_ms"] == pytest.approx(predicted) and lb["meets_budget"] is True and lb["measured_ms"] > 0
+    assert json.loads((tmp_path / "x" / "report.json").read_text())["latency_budget"]["budget_ms"] == 1e3
+    gone = copy.deepcopy(pol)  # the table moved away: exported, and the report says why it was not timed
+    gone.provenance["metrics"]["latency"]["lut"] = str(tmp_path / "missing.json")
+    ppath, cpath, _ = make_checkpoint(tmp_path / "g", "tinynet", 4, 4, "ort", policy=gone)
+    rep = run_export(ExportConfig(str(ppath), str(cpath), out_dir=str(tmp_path / "y"), latency_seconds=0.2))
+    assert rep["latency_budget"]["status"].startswith("not measured") and "missing.json" in rep["latency_budget"]["status"]

@@ -48,6 +48,9 @@ def export(
                                             help="ort: export even if a quantized layer runs on a float kernel"),
     trt_warn_precision: bool = typer.Option(False, "--trt-warn-precision",
                                             help="TensorRT: report layers not in their policy precision, do not fail"),
+    latency_seconds: float = typer.Option(3.0, callback=number(0, 600),
+                                          help="a policy searched for a latency budget: seconds of timing the export "
+                                               "as its latency table was measured (0: skip)"),
     force: bool = typer.Option(False, help="overwrite existing outputs"),
 ):
     """Export POLICY's fine-tuned model as exact ONNX QDQ; writes model.qdq.onnx and report.json."""
@@ -63,7 +66,7 @@ def export(
                        trt=trt, trt_config=TrtConfig(max_batch=trt_max_batch, opt_batch=min(8, trt_max_batch),
                                             strongly_typed=trt_strongly_typed,
                                             precision_check="warn" if trt_warn_precision else "fail"),
-                       float_kernels="warn" if warn_float_kernels else "fail")
+                       float_kernels="warn" if warn_float_kernels else "fail", latency_seconds=latency_seconds)
     progress = RichProgress()
     try:
         r = run_export(cfg, force=force, callback=progress)
@@ -82,6 +85,15 @@ def export(
         k = r["ort_integer_kernels"]
         rows.append(("ORT integer kernels", f"{k['integer']}/{k['total']} quantized layers"
                      + (f"; not: {', '.join(k['not_integer'])}" if k["not_integer"] else "")))
+    if "latency_budget" in r:
+        lb = r["latency_budget"]
+        if lb.get("status") == "measured":
+            verdict = "" if lb["meets_budget"] is None else (" (meets it)" if lb["meets_budget"] else " (OVER BUDGET)")
+            budget = "none" if lb["budget_ms"] is None else f"{lb['budget_ms']:.3f} ms"
+            rows.append(("latency", f"measured {lb['measured_ms']:.3f} ms (median of {lb['runs']} runs, batch "
+                         f"{lb['batch']}), predicted {lb['predicted_ms']:.3f} ms, budget {budget}{verdict}"))
+        else:
+            rows.append(("latency", lb["status"]))
     if "tensorrt" in r:
         t = r["tensorrt"]
         rows.append(("tensorrt", f"{t['build']['engine']}; p50 ms {t['p50_ms']}; not INT8: "

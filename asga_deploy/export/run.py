@@ -13,6 +13,7 @@ import torch
 from ..checkpoint import load_finetuned
 from ..errors import CheckpointError, ExportError
 from ..io import atomic_write_bytes, atomic_write_json, check_writable, machine_info, provenance, versions
+from ..lut.check import budget_latency
 from ..naming import export_dir
 from ..policy import Policy
 from ..progress import Callback, ProgressEvent, emit
@@ -54,6 +55,7 @@ class ExportConfig:
     trt: bool = False
     trt_config: TrtConfig = field(default_factory=TrtConfig)
     float_kernels: str = "fail"  # a policy layer on a float ORT kernel: "fail" the export or "warn" (report it)
+    latency_seconds: float = 3.0  # timing of a policy searched for a latency budget (0: not timed)
 
 
 def _outputs(cfg: ExportConfig) -> Path:
@@ -147,6 +149,10 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
                           f"{p.get('accuracy_diff_points', float('nan')):.3f} points (max {cfg.parity.max_accuracy_diff}); "
                           f"{onnx_path} and {report_path} kept for inspection")
     report["status"] = "ok"
+    recorded_latency = (policy.provenance.get("metrics") or {}).get("latency")
+    if recorded_latency and cfg.latency_seconds > 0 and not tgt.runs_engine:
+        emit(callback, ProgressEvent("info", "export", message="timing the model against its latency budget"))
+        report["latency_budget"] = budget_latency(data, recorded_latency, policy, cfg.latency_seconds)
     if cfg.trt:
         t = report["tensorrt"] = _tensorrt(onnx_path, out, cfg, policy, loader)
         problems = (t["precision_check"] or {}).get("problems", [])

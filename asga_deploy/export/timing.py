@@ -1,4 +1,4 @@
-"""Timing primitives shared by ONNX Runtime and TensorRT profiling: percentiles, alternating rounds."""
+"""Timing primitives shared by ONNX Runtime and TensorRT profiling: percentiles, timed session runs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import time
 import numpy as np
 
 from ..errors import AsgaError
-from .ort import default_threads, session
 
 
 def percentiles(times_ms: list[float], batch: int) -> dict:
@@ -43,25 +42,3 @@ def input_shape(sess, input_size: int | None) -> tuple[int, int, int]:
             raise AsgaError(f"the model input {shape} has a dynamic size: pass --input-size")
         h = w = input_size
     return c, h, w
-
-
-def alternate_latency(models: dict[str, str], batches, rounds: int, iters: int) -> dict:
-    """Return per-model, per-batch median latency (ms) over alternating rounds, and ratios to 'float'."""
-    threads = default_threads()
-    sessions = {k: session(p, threads) for k, p in models.items()}
-    c, h, w = input_shape(next(iter(sessions.values())), None)
-    rng = np.random.default_rng(0)
-    out: dict = {"threads": threads, "rounds": rounds, "iters_per_round": iters, "batches": {}}
-    for b in batches:
-        x = rng.standard_normal((b, c, h, w)).astype(np.float32)
-        samples: dict[str, list[float]] = {k: [] for k in sessions}
-        for s in sessions.values():
-            time_session(s, x, 5, 1)  # warm-up
-        for _ in range(rounds):
-            for k, s in sessions.items():
-                samples[k] += time_session(s, x, 0, iters)
-        med = {k: float(np.median(v)) for k, v in samples.items()}
-        out["batches"][str(b)] = {"median_ms": med, "vs_float": {k: v / med["float"] for k, v in med.items()}}
-    if not out["batches"]:
-        raise AsgaError("no batch sizes to time")
-    return out

@@ -59,13 +59,14 @@ Float model trained {cfg['train_epochs']} epochs; ASGA search on a {cfg['proxy_s
 proxy at {100 * cfg['budget_bitops']:g}% of W8A8 BitOPs (target `{cfg['target']}`, {cfg['search_epochs']} epochs,
 init {cfg['search_init']}); every policy fine-tuned {cfg['finetune_epochs']} epochs with the same recipe on the full
 training set, exported to ONNX QDQ (parity checked on {cfg['parity_images']} test images) and timed in
-ONNX Runtime ({summary['latency']['threads']} threads, median of {cfg['latency_rounds']} alternating rounds x
-{cfg['latency_iters']} runs). Speed-up is fp32 latency / model latency in the same run.
+ONNX Runtime ({summary['latency']['threads']} threads in one pool shared by every session, median of
+{cfg['latency_rounds']} alternating rounds of about 20 ms per model). Speed-up is fp32 latency / model latency in
+the same run.
 
 {chr(10).join(lines)}
 
-Sub-8-bit layers run exactly but on 8-bit kernels (or not fused) in ONNX Runtime: their gain is
-size and BitOPs, not CPU latency. Machine: {m['cpu']}, {m['cores']} cores. Total time {t['total_s'] / 60:.1f} min
+Every quantized conv runs on ONNX Runtime's 8-bit integer kernels whatever its bit-width: below 8 bits
+the gain is size and BitOPs, not CPU latency. Machine: {m['cpu']}, {m['cores']} cores. Total time {t['total_s'] / 60:.1f} min
 (train {t['train_s']:.0f} s, search {t['search_s']:.0f} s).
 
 ![accuracy vs BitOPs]({acc.name})
