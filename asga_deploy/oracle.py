@@ -182,7 +182,7 @@ def oracle_policy_file(table_path: str | Path, budget: Budget, kind: str = "ptq"
     path = check_writable(Path(out_dir) / f"{stem}.json", force)
     if "latency" in budget.metrics and lut is None:
         raise AsgaError("--budget-latency needs --lut TABLE (measure it with `asga lut`)")
-    priced = cost_table(table, *read_lut(str(lut), cost_table(table).layers)) if lut else cost_table(table)
+    priced = cost_table(table, *read_lut(str(lut), cost_table(table).layers, table.get("target"))) if lut else cost_table(table)
     if pick == "random":
         choice = random_choices(table, budget, 1, seed, priced)[0]
         info = {"pick": "random", "seed": seed}

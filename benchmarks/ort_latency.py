@@ -113,10 +113,64 @@ def our_export(float_model: torch.nn.Module, policy: Policy, size: int, path: Pa
             "max_abs_logit_diff": float(np.abs(got - expect).max()), "float_ops": sorted(float_ops)}
 
 
+SHARED_POOL = False  # set by main(): time in a child process whose sessions share one global intra-op pool
+
+
+def shared_pool_session(path: Path):
+    """Return a session on the process's global thread pool (created by main()), with the model's session entries.
+
+    With a pool per session (ORT's default) the idle sessions' threads keep spinning while another one runs,
+    which slows whichever model runs next (asga_deploy/lut/worker.py measured it); one shared pool is how an
+    application serving several models would run them."""
+    import onnxruntime as ort
+
+    from asga_deploy.export.ort import recorded_session_config
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.use_per_session_threads = False
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    probe_options = ort.SessionOptions()
+    probe_options.use_per_session_threads = False
+    probe = ort.InferenceSession(str(path), probe_options, providers=["CPUExecutionProvider"])
+    for key, value in (recorded_session_config(probe) or {}).items():
+        so.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def time_alternating(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, runs: int) -> dict:
     """Time the models in alternating rounds; return per model the median/p10/p90 ms of all runs and the mean of
     each round (for ratios paired within a round: robust to load that drifts between rounds)."""
-    sessions = {k: session(p, threads) for k, p in paths.items()}
+    if SHARED_POOL:  # a global pool must exist before the process's first session: a fresh process
+        import json
+        import pickle
+        import subprocess
+
+        with tempfile.TemporaryDirectory() as tmp:
+            job, out = Path(tmp) / "job.pkl", Path(tmp) / "out.json"
+            job.write_bytes(pickle.dumps({"paths": {k: str(v) for k, v in paths.items()}, "x": x, "threads": threads,
+                                          "rounds": rounds, "runs": runs}))
+            subprocess.run([sys.executable, __file__, "--timing-job", str(job), str(out)], check=True)
+            return json.loads(out.read_text())
+    return _time(paths, x, threads, rounds, runs, shared=False)
+
+
+def _timing_job(job_path: str, out_path: str) -> None:
+    """The child process of time_alternating: one global pool of `threads`, every session on it."""
+    import json
+    import pickle
+
+    from onnxruntime.capi import _pybind_state as pybind
+
+    job = pickle.loads(Path(job_path).read_bytes())
+    pybind.set_global_thread_pool_sizes(int(job["threads"]), 1)
+    res = _time({k: Path(v) for k, v in job["paths"].items()}, job["x"], job["threads"], job["rounds"], job["runs"],
+                shared=True)
+    Path(out_path).write_text(json.dumps(res))
+
+
+def _time(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, runs: int, shared: bool) -> dict:
+    sessions = {k: shared_pool_session(p) if shared else session(p, threads) for k, p in paths.items()}
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up
         for _ in range(5):
@@ -183,6 +237,9 @@ def wait_for_quiet(max_load: float, patience_s: int) -> float:
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--timing-job":
+        _timing_job(sys.argv[2], sys.argv[3])
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=400)
     ap.add_argument("--runs", type=int, default=1)
@@ -192,7 +249,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--attempts", type=int, default=6, help="timings of a setting redone while others took CPU")
     ap.add_argument("--max-others", type=float, default=0.1, help="largest CPU share of other processes accepted")
+    ap.add_argument("--per-session-pools", action="store_true",
+                    help="time with ORT's default thread pool per session (idle pools spin) instead of one shared pool")
     args = ap.parse_args()
+    global SHARED_POOL
+    SHARED_POOL = not args.per_session_pools
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -250,6 +311,8 @@ def main() -> None:
                            "ours_w8a8": "uniform_policy('resnet18', 8, 8, 'ort'): 7-bit weights, 8-bit activations",
                            "ours_mixed": f"searched layers cycle (w, a) through {list(MIXED)}; first conv and fc W7A8",
                            "threads": args.threads, "rounds": args.rounds, "runs_per_round": args.runs,
+                           "thread_pool": "one global intra-op pool shared by every timed session" if SHARED_POOL
+                           else "ORT's default: a pool per session",
                            "timing": "alternating rounds, order rotated per round; medians of all runs; started "
                                      f"only below a 1-minute load of {args.max_load} and redone while other "
                                      f"processes used more than {100 * args.max_others:.0f}% of the CPU "

@@ -177,3 +177,25 @@ def test_latency_and_size_budgets_with_the_float_choice(tmp_path):
     predicted = 0.01 + sum(lut[n][choice_key(*b)] for n, b in bits.items())
     assert predicted == pytest.approx(lat["predicted_ms"], abs=1e-5)  # costs are whole nanoseconds
     assert len(res.policy.provenance["config"]) and res.policy.provenance["config"]["float_choice"] is True
+
+
+def test_a_latency_table_of_another_target_or_other_choices_is_named_before_work(tmp_path):
+    """A table measured for `ort` (7-bit weights at most) used by a `sim` search, or missing a candidate's entry:
+    one BudgetError naming the target or the layer and choice, not a KeyError in the middle of the search."""
+    import json
+
+    from asga_deploy.cost import choice_key, layer_costs
+    from asga_deploy.models import create_model
+
+    costs = layer_costs(create_model("tinyresnet", 10, 1), (1, 12, 12))
+    lut = {n: {choice_key(w, a): 0.01 for w in range(2, 8) for a in range(2, 9)} for n in costs}
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps({"key": {"target": "ort"}, "layers": lut, "rest_ms": 0.01}))
+    cfg = SearchConfig(model="tinyresnet", dataset="synthetic", objective="erm", epochs=1, target="sim",
+                       budget_latency="1.0xw8a8", lut=str(path))
+    with pytest.raises(BudgetError, match="measured for target ort.*--target ort"):
+        run_search(cfg, search_data(12, 8), tmp_path / "p", tmp_path / "r")
+    path.write_text(json.dumps({"layers": lut, "rest_ms": 0.01}))  # no key: the missing w8 entries are named
+    with pytest.raises(BudgetError, match="no latency for .* w8a2"):
+        run_search(cfg, search_data(12, 8), tmp_path / "p", tmp_path / "r")
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())

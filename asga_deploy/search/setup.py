@@ -11,7 +11,7 @@ import torch
 
 from ..budget import Budget
 from ..checkpoint import load_checkpoint, load_weights
-from ..cost import layer_costs
+from ..cost import choice_key, layer_costs
 from ..errors import AsgaError, BudgetError
 from ..models import create_model, edge_layers
 from .config import SearchConfig, SearchData
@@ -35,13 +35,19 @@ def build_model(cfg: SearchConfig, data: SearchData) -> tuple[torch.nn.Module, d
                    "checkpoint_provenance": ckpt.get("provenance", {})}
 
 
-def read_lut(path: str, costs: dict) -> tuple[dict, float]:
-    """Return (per-layer latency table, rest of the graph in ms) of an `asga lut` file, checked against the model."""
+def read_lut(path: str, costs: dict, target: str | None = None) -> tuple[dict, float]:
+    """Return (per-layer latency table, rest of the graph in ms) of an `asga lut` file, checked against the model
+    (and the target it must have been measured for, when given)."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
         lut, rest = d["layers"], float(d["rest_ms"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise BudgetError(f"--lut {path}: not a latency table of `asga lut` ({str(e)[:120]})") from None
+    measured_for = (d.get("key") or {}).get("target") if isinstance(d.get("key"), dict) else None
+    if target is not None and measured_for is not None and measured_for != target:
+        raise BudgetError(f"--lut {path} was measured for target {measured_for}, this search is for --target "
+                          f"{target}: search with --target {measured_for} or measure a table with "
+                          f"`asga lut MODEL --target {target}`")
     missing = [n for n in costs if n not in lut]
     if missing:
         raise BudgetError(f"--lut {path} has no latency for layers {', '.join(missing[:4])}: it was measured for "
@@ -87,13 +93,20 @@ def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, Budget
     costs = {n: type(c)(c.name, c.kind, c.macs, c.params, signs[n].input_signed)
              for n, c in layer_costs(model, (data.in_chans, size, size)).items()}
     edges = [] if cfg.search_edges else edge_layers(model)
-    lut, rest_ms = read_lut(cfg.lut, costs) if cfg.lut else (None, 0.0)
+    lut, rest_ms = read_lut(cfg.lut, costs, cfg.target) if cfg.lut else (None, 0.0)
     if budget is not None and "latency" in budget.metrics and lut is None:
         raise BudgetError("--budget-latency needs --lut TABLE: measure it with `asga lut MODEL --target "
                           f"{cfg.target} --batch-size B`")
     net = Supernet.build(model, cfg.model, costs, calib, cfg.weight_bits, cfg.act_bits, cfg.target, edges,
                          cfg.replace_unsupported, cfg.alpha_init, data.num_classes, (data.in_chans, size, size),
                          cfg.float_choice, cfg.edge_bits, lut, rest_ms)
+    if lut is not None:  # every candidate priced: a table of other choices is named, not a KeyError mid-search
+        gaps = [f"{n} {choice_key(*c)}" for n, opts in net.options().items() for c in opts
+                if choice_key(*c) not in lut.get(n, {})]
+        if gaps:
+            raise BudgetError(f"--lut {cfg.lut} has no latency for {len(gaps)} candidate(s) of this search "
+                              f"({', '.join(gaps[:4])}{', ...' if len(gaps) > 4 else ''}); narrow --weight-bits / "
+                              f"--act-bits or measure the table for --target {cfg.target}")
     if budget is not None:
         budget.check_feasible(net.table, net.options())
     return net, init, budget
