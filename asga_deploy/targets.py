@@ -59,6 +59,10 @@ class Target:
     fused_requant: bool = False  # sub-8-bit activations after a conv as Q8 -> DQ -> Clip -> Q -> DQ (fuses)
     quantized_pooling: bool = False  # Q/DQ after global average pooling (QLinearGlobalAveragePool)
     signed_as_u8: bool = False  # signed activations as UINT8 with zero point 128 (ONNX Runtime's x86 form)
+    # a float layer reading a dequantized tensor gets its own per-channel DequantizeLinear (the same values):
+    # ONNX Runtime's WeightBiasQuantization otherwise quantizes the float weights of any Conv/Gemm whose
+    # input comes from a per-tensor DequantizeLinear (INT8 per tensor, not what was trained)
+    guard_float_inputs: bool = False
     # may the exported model rely on session.x64quantprecision (recorded in its metadata, set by every
     # session asga opens)? False: its grids must be exact on every x86 CPU with default session options
     x64_precision_option: bool = True
@@ -109,11 +113,12 @@ class Target:
 
 
 _ORT = dict(residual_quant="units", integer_kernel_report=True, integer_kernels_required=True, int32_bias=True,
-            fused_requant=True, quantized_pooling=True, signed_as_u8=True, int4_storage=False)
+            fused_requant=True, quantized_pooling=True, signed_as_u8=True, int4_storage=False, guard_float_inputs=True)
 _W7 = tuple(range(2, 8))
 TARGETS: dict[str, Target] = {
     "sim": Target("sim", _ALL, _ALL, _ALL, "fake-quant simulation: any 2..8 bits, no speed promise",
-                  integer_kernel_report=True, int32_bias=True, fused_requant=True, signed_as_u8=True),
+                  integer_kernel_report=True, int32_bias=True, fused_requant=True, signed_as_u8=True,
+                  guard_float_inputs=True),
     # 8-bit weights overflow the U8S8 kernels of x86 CPUs without VNNI (wrong outputs with default session
     # options); 7-bit weights (|q| <= 63) cannot: 2 * 255 * 63 <= 32767. ORT's quantizer calls it reduce_range.
     "ort": Target("ort", _W7, _ALL, _ALL,

@@ -339,3 +339,23 @@ def test_every_target_runs_in_polygraphy_as_an_outside_consumer(exports, tmp_pat
         assert theirs.shape == ours.shape == (8, 10)
         if case == "ort_w8a8_resnet" or (case == "ortw8_w8a8" and cpu_isa()["vnni"]):
             assert np.array_equal(theirs, ours), case
+
+
+def test_float_layers_stay_float_in_onnx_runtime(tmp_path):
+    """ONNX Runtime's WeightBiasQuantization quantizes the float weights of any Conv/Gemm fed by a per-tensor
+    DequantizeLinear (INT8 per tensor). On `ort` every such float layer gets its own per-channel DequantizeLinear:
+    it runs a float kernel and the logits match the reference up to float summation noise."""
+    pol = uniform_policy("tinyresnet", 4, 4, "ort")
+    names = list(pol.layers)
+    for n in names[1:-1:2]:  # every other inner layer float
+        del pol.layers[n]
+        pol.float_layers.append(n)
+    p, c, _ = make_checkpoint(tmp_path, "tinyresnet", 4, 4, "ort", policy=pol)
+    rep = run_export(ExportConfig(str(p), str(c), out_dir=str(tmp_path / "o"),
+                                  parity=ParityConfig(images=64, batch_size=32)), loader=random_loader((1, 28, 28)))
+    proto = onnx.load(rep["onnx"])
+    guarded = {n.name.removesuffix(".input_dq") for n in proto.graph.node if n.name.endswith(".input_dq")}
+    assert guarded and guarded <= set(pol.float_layers)
+    layers = rep["ort_integer_kernels"]["layers"]
+    assert not [n for n in pol.float_layers if layers[n]["integer"]], layers
+    assert rep["parity"]["max_abs_logit_diff"] < 1e-4 and rep["parity"]["top1_agreement"] == 1.0

@@ -44,6 +44,65 @@ def name_layers(proto, layers: dict, policy: Policy) -> None:
             c.name = name
 
 
+def guard_float_inputs(proto, float_layers: list[str]) -> list[str]:
+    """Give each float layer that reads a per-tensor DequantizeLinear its own per-channel one (axis 1, the scale
+    and zero point repeated per channel: the same values); return the layers guarded.
+
+    ONNX Runtime's WeightBiasQuantization rewrites any Conv/Gemm whose input 0 comes from a DequantizeLinear with
+    a scalar scale and whose weight is a float initializer: it quantizes the weight to INT8 per tensor and the
+    layer runs as QLinearConv / QGemm, not in float. A per-channel input scale is outside its pattern.
+    """
+    onnx = require("onnx", "onnx")
+    numpy_helper, helper = onnx.numpy_helper, onnx.helper
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+
+    def const(name: str):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(next(a.t for a in node.attribute if a.name == "value"))
+        return None
+
+    guarded = []
+    for node in [n for n in g.node if n.name in set(float_layers) and n.op_type in ("Conv", "Gemm")]:
+        dq = producers.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        scale = const(dq.input[1])
+        if scale is None or scale.size != 1:
+            continue  # already per channel (or not a constant: outside ORT's pattern too)
+        shape = _in_channels(node, inits, numpy_helper)
+        if shape is None or shape < 2:
+            raise ExportError(f"float layer {node.name}: reads a dequantized tensor of {shape} channel(s); ONNX "
+                              "Runtime would quantize its weights (WeightBiasQuantization); quantize the layer")
+        zp = const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        base = f"{node.name}.input_dq"
+        g.initializer.append(numpy_helper.from_array(scale.reshape(1).repeat(shape), f"{base}.scale"))
+        inputs = [dq.input[0], f"{base}.scale"]
+        if zp is not None:
+            g.initializer.append(numpy_helper.from_array(zp.reshape(1).repeat(shape), f"{base}.zero_point"))
+            inputs.append(f"{base}.zero_point")
+        new = helper.make_node("DequantizeLinear", inputs, [f"{base}.out"], name=base, axis=1)
+        g.node.insert(list(g.node).index(node), new)
+        node.input[0] = f"{base}.out"
+        guarded.append(node.name)
+    return guarded
+
+
+def _in_channels(node, inits: dict, numpy_helper) -> int | None:
+    """Return the input channels of a Conv (weight dim 1 x group) or Gemm (by transB) from its weight initializer."""
+    if node.input[1] not in inits:
+        return None
+    w = inits[node.input[1]].dims
+    attrs = {a.name: a.i for a in node.attribute}
+    if node.op_type == "Conv":
+        return int(w[1]) * int(attrs.get("group", 1))
+    return int(w[1] if attrs.get("transB", 0) else w[0])
+
+
 def name_ops(proto, model) -> dict[str, list[str]]:
     """Rename the two-tensor Add and the GlobalAveragePool nodes to the model's fx add nodes and pooling modules
     (both in execution order) so that the kernel report names them; return the names given."""

@@ -32,6 +32,7 @@ from ..quant.quantizers import FakeQuantizer
 from ..targets import get_target
 from .graph import (  # noqa: F401
     fp16_variant,
+    guard_float_inputs,
     initializer_identities,
     int4_weights,
     name_layers,
@@ -220,6 +221,8 @@ def lower(model: nn.Module, policy: Policy, cfg: LoweringConfig, input_shape: tu
         next(o for o in proto.opset_import if o.domain in ("", "ai.onnx")).version = opset
     initializer_identities(proto)
     name_layers(proto, layers, policy)
+    if tgt.guard_float_inputs:
+        guard_float_inputs(proto, list(policy.float_layers))
     name_ops(proto, m)
     if cfg.int4_storage:
         int4_weights(proto, {n: mod.weight_quantizer.bits for n, mod in layers.items()})
