@@ -212,11 +212,12 @@ def kernels(path: Path) -> dict:
 
 
 def _busy_s() -> tuple[float, float]:
-    """Return (CPU seconds every process has used, this process's CPU seconds) so far."""
+    """Return (CPU seconds every process has used, this process's and its finished children's CPU seconds: the
+    timing child's included) so far."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), r.ru_utime + r.ru_stime
+    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
 
 
 def others_share(start: tuple[float, float, float]) -> float:
