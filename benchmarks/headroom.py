@@ -66,7 +66,9 @@ def setting_policies(root: Path, name: str, table: dict, budget: Budget, kinds: 
     out: dict[str, Path] = {}
 
     def keep(label: str, choice: dict, method: str) -> None:
-        path = folder / f"{label}.json"
+        # the budget in the file name: fine-tune runs are cached by policy stem, and the oracle's "best" of two
+        # budgets are different policies (the uniform ones below are the same policy whatever the budget)
+        path = folder / f"{name.rsplit('/', 1)[-1]}-{label}.json"
         if not path.exists():
             to_policy(table, choice, method, budget=budget.describe()).save(path, force=True)
         out[label] = path
