@@ -6,6 +6,7 @@ Run the benchmarks in the background across sittings: an interrupted step resume
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +22,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def log(msg: str) -> None:
     """Print a timestamped progress line (benchmarks are scripts, not library code)."""
     print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def wait_for_quiet(max_load: float, patience_s: int, sleep_s: float = 20.0) -> float:
+    """Wait until the 1-minute load average is below max_load (other jobs share the machine); return it. For
+    timing benchmarks: raise SystemExit when it stays above for patience_s seconds (the timing would be noise)."""
+    t0 = time.time()
+    while (load := os.getloadavg()[0]) >= max_load:
+        if time.time() - t0 > patience_s:
+            raise SystemExit(f"load {load:.2f} stayed above {max_load} for {patience_s} s: timing would be noise")
+        log(f"load {load:.2f} >= {max_load}: waiting")
+        time.sleep(sleep_s)
+    return load
 
 
 def float_model(root: Path, model: str, dataset: str, epochs: int, seed: int = 0, exclude_proxy: int | None = None,

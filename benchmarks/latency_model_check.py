@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from chain import wait_for_quiet  # noqa: E402
 
 from asga_deploy.export.kernels import integer_kernels  # noqa: E402
 from asga_deploy.export.ort import cpu_isa, default_threads  # noqa: E402
@@ -90,17 +91,6 @@ def kernel_check(proto, choice: dict) -> dict:
     bad_q = [n for n, c in choice.items() if c is not None and not layers.get(n, {}).get("integer")]
     bad_f = [n for n, c in choice.items() if c is None and layers.get(n, {}).get("integer")]
     return {"quantized_not_integer": bad_q, "float_on_integer_kernel": bad_f, "ok": not bad_q and not bad_f}
-
-
-def wait_for_quiet(max_load: float, patience_s: int) -> float:
-    """Wait until the 1-minute load average is below max_load; return it."""
-    t0 = time.time()
-    while (load := os.getloadavg()[0]) >= max_load:
-        if time.time() - t0 > patience_s:
-            raise SystemExit(f"load {load:.2f} stayed above {max_load} for {patience_s} s: timing would be noise")
-        log(f"load {load:.2f} >= {max_load}: waiting")
-        time.sleep(20)
-    return load
 
 
 def check(model: str, chans: int, size: int, classes: int, batch: int, args) -> dict:

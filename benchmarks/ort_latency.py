@@ -34,12 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chain import wait_for_quiet  # noqa: E402
+
 from asga_deploy.export.kernels import integer_kernels  # noqa: E402
 from asga_deploy.export.onnx_qdq import LoweringConfig, lower, prepare_model  # noqa: E402
-from asga_deploy.export.ort import cpu_isa, session  # noqa: E402
+from asga_deploy.export.ort import SESSION_CONFIG_KEY, cpu_isa, session  # noqa: E402
 from asga_deploy.export.reference import integer_reference  # noqa: E402
 from asga_deploy.export.units import find_units  # noqa: E402
 from asga_deploy.io import atomic_write_json, git_commit, machine_info, versions  # noqa: E402
+from asga_deploy.lut.measure import TimingConfig, median_times  # noqa: E402
+from asga_deploy.lut.units import Unit  # noqa: E402
 from asga_deploy.models import create_model  # noqa: E402
 from asga_deploy.policy import LayerBits, Policy, uniform_policy  # noqa: E402
 from asga_deploy.quant import apply_policy, calibrate  # noqa: E402
@@ -113,64 +117,26 @@ def our_export(float_model: torch.nn.Module, policy: Policy, size: int, path: Pa
             "max_abs_logit_diff": float(np.abs(got - expect).max()), "float_ops": sorted(float_ops)}
 
 
-SHARED_POOL = False  # set by main(): time in a child process whose sessions share one global intra-op pool
+def time_alternating(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, runs: int,
+                     shared_pool: bool = True) -> dict:
+    """Time the models in alternating rounds (order rotated per round); return per model the median/p10/p90 ms of
+    all runs and the mean of each round (for ratios paired within a round: robust to load that drifts).
 
-
-def shared_pool_session(path: Path):
-    """Return a session on the process's global thread pool (created by main()), with the model's session entries.
-
-    With a pool per session (ORT's default) the idle sessions' threads keep spinning while another one runs,
-    which slows whichever model runs next (asga_deploy/lut/worker.py measured it); one shared pool is how an
-    application serving several models would run them."""
-    import onnxruntime as ort
-
-    from asga_deploy.export.ort import recorded_session_config
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.use_per_session_threads = False
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    probe_options = ort.SessionOptions()
-    probe_options.use_per_session_threads = False
-    probe = ort.InferenceSession(str(path), probe_options, providers=["CPUExecutionProvider"])
-    for key, value in (recorded_session_config(probe) or {}).items():
-        so.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def time_alternating(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, runs: int) -> dict:
-    """Time the models in alternating rounds; return per model the median/p10/p90 ms of all runs and the mean of
-    each round (for ratios paired within a round: robust to load that drifts between rounds)."""
-    if SHARED_POOL:  # a global pool must exist before the process's first session: a fresh process
-        import json
-        import pickle
-        import subprocess
-
-        with tempfile.TemporaryDirectory() as tmp:
-            job, out = Path(tmp) / "job.pkl", Path(tmp) / "out.json"
-            job.write_bytes(pickle.dumps({"paths": {k: str(v) for k, v in paths.items()}, "x": x, "threads": threads,
-                                          "rounds": rounds, "runs": runs}))
-            subprocess.run([sys.executable, __file__, "--timing-job", str(job), str(out)], check=True)
-            return json.loads(out.read_text())
-    return _time(paths, x, threads, rounds, runs, shared=False)
-
-
-def _timing_job(job_path: str, out_path: str) -> None:
-    """The child process of time_alternating: one global pool of `threads`, every session on it."""
-    import json
-    import pickle
-
-    from onnxruntime.capi import _pybind_state as pybind
-
-    job = pickle.loads(Path(job_path).read_bytes())
-    pybind.set_global_thread_pool_sizes(int(job["threads"]), 1)
-    res = _time({k: Path(v) for k, v in job["paths"].items()}, job["x"], job["threads"], job["rounds"], job["runs"],
-                shared=True)
-    Path(out_path).write_text(json.dumps(res))
-
-
-def _time(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, runs: int, shared: bool) -> dict:
-    sessions = {k: shared_pool_session(p) if shared else session(p, threads) for k, p in paths.items()}
+    shared_pool: in lut.measure's timing process, every session on one global intra-op pool (with ORT's default
+    pool per session the idle sessions' threads keep spinning while another runs, which slows whichever model
+    runs next; one shared pool is how an application serving several models runs them). Its inputs are random
+    images of x's shape, one per model. Otherwise here, a pool per session, every model on x.
+    """
+    if shared_pool:
+        recorded = {k: _session_entries(p) for k, p in paths.items()}
+        if len({tuple(sorted(v.items())) for v in recorded.values()}) > 1:
+            raise SystemExit(f"the models record different ONNX Runtime session entries: {recorded}")
+        units = {k: Unit(k, p.read_bytes(), tuple(x.shape[1:]), "float32") for k, p in paths.items()}
+        cfg = TimingConfig(rounds=rounds, target_ms=1e9, max_runs=runs, warmup=5, threads=threads,  # `runs` per round
+                           session_config=tuple(sorted(next(iter(recorded.values())).items())))
+        return {k: {"median_ms": v["median_ms"], "p10_ms": v["p10_ms"], "p90_ms": v["p90_ms"], "n": v["runs"],
+                    "per_round_ms": v["per_round_ms"]} for k, v in median_times(units, x.shape[0], cfg).items()}
+    sessions = {k: session(p, threads) for k, p in paths.items()}
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up
         for _ in range(5):
@@ -190,6 +156,16 @@ def _time(paths: dict[str, Path], x: np.ndarray, threads: int, rounds: int, runs
     return {k: {"median_ms": float(np.median(v)), "p10_ms": float(np.percentile(v, 10)),
                 "p90_ms": float(np.percentile(v, 90)), "n": len(v), "per_round_ms": per_round[k]}
             for k, v in times.items()}
+
+
+def _session_entries(path: Path) -> dict[str, str]:
+    """Return the ONNX Runtime session entries a model records in its metadata (asga exports; none for ORT's)."""
+    import json
+
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(meta[SESSION_CONFIG_KEY]) if SESSION_CONFIG_KEY in meta else {}
 
 
 def paired(timing: dict, a: str, b: str, seed: int = 0) -> dict:
@@ -226,21 +202,7 @@ def others_share(start: tuple[float, float, float]) -> float:
     return max(0.0, (busy - start[1]) - (own - start[2])) / ((wall - start[0]) * os.cpu_count())
 
 
-def wait_for_quiet(max_load: float, patience_s: int) -> float:
-    """Wait until the 1-minute load average is below max_load (other jobs share the machine); return it."""
-    t0 = time.time()
-    while (load := os.getloadavg()[0]) >= max_load:
-        if time.time() - t0 > patience_s:
-            raise SystemExit(f"load {load:.2f} stayed above {max_load} for {patience_s} s: timing would be noise")
-        log(f"load {load:.2f} >= {max_load}: waiting")
-        time.sleep(30)
-    return load
-
-
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--timing-job":
-        _timing_job(sys.argv[2], sys.argv[3])
-        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=400)
     ap.add_argument("--runs", type=int, default=1)
@@ -253,8 +215,6 @@ def main() -> None:
     ap.add_argument("--per-session-pools", action="store_true",
                     help="time with ORT's default thread pool per session (idle pools spin) instead of one shared pool")
     args = ap.parse_args()
-    global SHARED_POOL
-    SHARED_POOL = not args.per_session_pools
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -276,10 +236,10 @@ def main() -> None:
                      "ours_mixed": our_export(float_model, mixed_policy(w8a8), size, paths["ours_mixed"], batches)}
             x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
             for attempt in range(args.attempts):  # other jobs may start meanwhile: time again if they took CPU
-                loads[key] = wait_for_quiet(args.max_load, args.patience)
+                loads[key] = wait_for_quiet(args.max_load, args.patience, 30)
                 log(f"{key}: timing {args.rounds} rounds x {args.runs} runs, alternating (load {loads[key]:.2f})")
                 start = (time.perf_counter(), *_busy_s())
-                timing = time_alternating(paths, x, args.threads, args.rounds, args.runs)
+                timing = time_alternating(paths, x, args.threads, args.rounds, args.runs, not args.per_session_pools)
                 loads[key + "_others_cpu_share"] = others_share(start)
                 if loads[key + "_others_cpu_share"] <= args.max_others:
                     break
@@ -312,8 +272,8 @@ def main() -> None:
                            "ours_w8a8": "uniform_policy('resnet18', 8, 8, 'ort'): 7-bit weights, 8-bit activations",
                            "ours_mixed": f"searched layers cycle (w, a) through {list(MIXED)}; first conv and fc W7A8",
                            "threads": args.threads, "rounds": args.rounds, "runs_per_round": args.runs,
-                           "thread_pool": "one global intra-op pool shared by every timed session" if SHARED_POOL
-                           else "ORT's default: a pool per session",
+                           "thread_pool": "ORT's default: a pool per session" if args.per_session_pools
+                           else "one global intra-op pool shared by every timed session (lut.measure)",
                            "timing": "alternating rounds, order rotated per round; medians of all runs; started "
                                      f"only below a 1-minute load of {args.max_load} and redone while other "
                                      f"processes used more than {100 * args.max_others:.0f}% of the CPU "

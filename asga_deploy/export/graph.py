@@ -66,8 +66,8 @@ def guard_float_inputs(proto, float_layers: list[str]) -> list[str]:
             return numpy_helper.to_array(next(a.t for a in node.attribute if a.name == "value"))
         return None
 
-    guarded = []
-    for node in [n for n in g.node if n.name in set(float_layers) and n.op_type in ("Conv", "Gemm")]:
+    guarded, floats = [], set(float_layers)
+    for node in [n for n in g.node if n.name in floats and n.op_type in ("Conv", "Gemm")]:
         dq = producers.get(node.input[0])
         if dq is None or dq.op_type != "DequantizeLinear":
             continue

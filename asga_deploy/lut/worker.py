@@ -48,7 +48,8 @@ def _passes(seconds: list[float], cfg: dict) -> int:
 
 def run(job: dict) -> dict:
     """Time every unit of a job in alternating rounds; return {key: {median_ms, p10_ms, p90_ms, runs}} (units in
-    a sequence under "<sequence>/<key>")."""
+    a sequence under "<sequence>/<key>"; a unit timed alone also has per_round_ms, its mean in each round, for
+    ratios paired within a round)."""
     import numpy as np
 
     from .measure import feed
@@ -73,18 +74,21 @@ def run(job: dict) -> dict:
         reps[k] = _passes(t, cfg)
     samples: dict[str, list[float]] = {k: [] for k in alone}
     samples.update({f"{name}/{k}": [] for name, keys in seqs.items() for k in keys})
+    per_round: dict[str, list[float]] = {k: [] for k in alone}  # mean of a unit's runs in each round
     for r in range(cfg["rounds"]):
         for kind, k in items[r % len(items):] + items[:r % len(items)]:
+            if kind == "unit":
+                samples[k] += [1000.0 * once(k) for _ in range(reps[k])]
+                per_round[k].append(float(np.mean(samples[k][-reps[k]:])))
+                continue
             for _ in range(reps[k]):
-                if kind == "unit":
-                    samples[k].append(1000.0 * once(k))
-                else:
-                    for u in seqs[k]:
-                        samples[f"{k}/{u}"].append(1000.0 * once(u))
+                for u in seqs[k]:
+                    samples[f"{k}/{u}"].append(1000.0 * once(u))
         sys.stdout.write(json.dumps({"round": r + 1, "rounds": cfg["rounds"], "load": os.getloadavg()[0]}) + "\n")
         sys.stdout.flush()
     return {k: {"median_ms": float(np.median(v)), "p10_ms": float(np.percentile(v, 10)),
-                "p90_ms": float(np.percentile(v, 90)), "runs": len(v)} for k, v in samples.items()}
+                "p90_ms": float(np.percentile(v, 90)), "runs": len(v),
+                **({"per_round_ms": per_round[k]} if k in per_round else {})} for k, v in samples.items()}
 
 
 def main(argv: list[str]) -> int:
