@@ -138,8 +138,9 @@ def markdown(report: dict) -> str:
     isa = report["machine"]["isa"]["kind"]
     lines = [f"# Latency model check: predicted vs measured (ONNX Runtime {report['versions']['onnxruntime']}, "
              f"{report['machine']['cpu']}, {isa}, {report['settings']['threads']} threads)", "",
-             f"Tolerance {100 * TOLERANCE:.0f}%; predicted = rest + per-layer table entries + float-pair edges "
-             "(asga_deploy/lut); measured = median of alternating runs. Written by "
+             f"Tolerance {100 * TOLERANCE:.0f}%; predicted = rest + per-layer table entries, a float layer at its "
+             "island step less a saving per side that faces float neighbours (asga_deploy/lut/model.py); measured = "
+             "median of alternating runs. Written by "
              "`benchmarks/latency_model_check.py`.", ""]
     for key, r in report["results"].items():
         lines += [f"## {key} (table: {r['lut_s']:.0f} s, rest {r['rest_ms']:.3f} ms; load "

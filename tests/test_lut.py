@@ -22,12 +22,30 @@ from asga_deploy.targets import get_target  # noqa: E402
 
 LAYERS = ("conv1", "conv2", "conv3", "fc")  # tinynet
 INT8 = {"conv1": 0.30, "conv2": 0.20, "conv3": 0.10, "fc": 0.05}
-OVERHEAD, TRANSPOSE, REST, WHOLE_FLOAT = 0.01, 0.02, 0.40, 9.0
+OVERHEAD, TRANSPOSE, REST = 0.01, 0.02, 0.40
+# a world where a float layer costs CORE plus SIDE for each of its two sides that faces a quantized neighbour (a
+# searched int8 layer, or nothing searched: the input, pooling): tinynet is the chain conv1 -> conv2 -> conv3 | fc
+CORE, SIDE = 0.5, 0.15
+SUCC = {"conv1": ["conv2"], "conv2": ["conv3"], "conv3": [], "fc": []}
+PRED = {"conv1": [], "conv2": ["conv1"], "conv3": ["conv2"], "fc": []}
+ALTERNATING = {"whole|alt_float": {"conv2", "fc"}, "whole|float_even": {"conv1", "conv3"}}
+
+
+def world(floats: set, requant: bool = False) -> float:
+    """The whole model's time with these layers float (the rest int8, or requantized)."""
+    ms = REST + sum(INT8.values()) + (0.05 * (len(INT8) - len(floats)) if requant else 0.0)
+    for n in floats:
+        sides = [not nb or any(m not in floats for m in nb) for nb in (PRED[n], SUCC[n])]
+        ms += CORE + SIDE * sum(sides)
+    return ms
+
+
+WHOLE_FLOAT = world(set(LAYERS))
 
 
 def fake_median_times(units, batch, cfg, callback=None, sequences=None):
-    """Deterministic times by key: int8 units INT8 + their transposes, requant +0.05, float islands x3, the whole
-    int8 model = REST + the int8 entries, each island variant + 1 ms per float layer in it."""
+    """Deterministic times by key: int8 units INT8 + their transposes, requant +0.05, float islands x3; every whole
+    model (island variants, the int8 / 4-bit / float / alternating models) as `world` says."""
     out = {}
     for seq, keys in (sequences or {}).items():
         for k in keys:
@@ -38,18 +56,19 @@ def fake_median_times(units, batch, cfg, callback=None, sequences=None):
     for k in units:
         if any(k in s for s in (sequences or {}).values()):
             continue
+        kind, *layers = k.split("|")
         if k == "overhead":
             ms = OVERHEAD
-        elif k.startswith("transpose|"):
+        elif kind == "transpose":
             ms = OVERHEAD + TRANSPOSE
-        elif k == "whole|int8":
-            ms = REST + sum(INT8.values())
-        elif k == "whole|requant":
-            ms = REST + sum(INT8.values()) + 0.05 * len(INT8)
-        elif k.startswith("island|"):
-            ms = REST + sum(INT8.values()) + len(k.split("|")[1:])
+        elif kind in ("island", "islandR"):
+            ms = world(set(layers), kind == "islandR")
+        elif kind == "islandF":
+            ms = world(set(LAYERS) - set(layers))
+        elif k in ALTERNATING:
+            ms = world(ALTERNATING[k])
         else:
-            ms = WHOLE_FLOAT
+            ms = {"whole|int8": world(set()), "whole|requant": world(set(), True)}.get(k, WHOLE_FLOAT)
         out[k] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "runs": 1}
     return out
 
@@ -100,8 +119,12 @@ def test_entries_follow_the_kernels_and_the_rest_term_closes_the_int8_model(tiny
         assert k["int8"] == pytest.approx(INT8[n] - n_tr * TRANSPOSE)  # the boundary Transposes come off
         rho = d["requant_layout_share"]  # the share of them the measured 4-bit model keeps
         assert k["requant"] == pytest.approx(INT8[n] + 0.05 - (1 - rho) * n_req * TRANSPOSE)
-        assert k["float"] == pytest.approx(k["float_unit"] + k["transition"])
+        assert k["float_int8_anchored"] == pytest.approx(k["float_unit"] + k["transition"])
         assert k["transition"] == pytest.approx(d["transition_share"] * k["transition_alone"])
+        w = d["anchor_mix"]
+        assert k["float"] == pytest.approx(k["int8"] + w * (k["float_int8_anchored"] - k["int8"])
+                                           + (1 - w) * k["float_anchored_step"])
+        assert k["float_island_step"] == pytest.approx(k["float_int8_anchored"] - k["int8"])
     assert any(d["unit_transposes"].values())  # ORT changes layout around integer convs
     whole = d["reference_ms"]["w8a8"]
     assert tiny_table.rest_ms == pytest.approx(whole - sum(d["kernels"][n]["int8"] for n in LAYERS))
@@ -113,11 +136,25 @@ def test_entries_follow_the_kernels_and_the_rest_term_closes_the_int8_model(tiny
 def test_float_pairs_get_an_edge_and_the_check_is_recorded(tiny_table):
     edges = tiny_table.edges
     assert [(e["from"], e["to"]) for e in edges] == [("conv1", "conv2"), ("conv2", "conv3")]
-    for e in edges:  # the pair variant costs +2, each single +1: no correction in the fake timer
-        assert e["ms"] == pytest.approx(0.0)
+    for e in edges:  # a float pair shares the side between them: 2 x SIDE less than two islands
+        assert e["ms"] == pytest.approx(-2 * SIDE)
     checks = tiny_table.data["rest_check"]
     assert set(checks) == {"every layer float", "every other layer float (module order)"}
     assert checks["every layer float"]["measured_ms"] == WHOLE_FLOAT
+
+
+def test_float_layers_cost_their_core_and_the_sides_that_face_quantized_neighbours(tiny_table):
+    """In a world of core + per-side costs, the table recovers the side model from the islands: the int8, the
+    every-layer-float and both alternating models, and float pairs, come out as measured; the search's additive
+    entries still close both anchor models."""
+    d = tiny_table.data
+    assert d["transition_share"] == pytest.approx(1.0)
+    assert d["kernels"]["conv2"]["float_side_saving"] == pytest.approx(SIDE)
+    for floats in [set(), set(LAYERS), *ALTERNATING.values(), {"conv1", "conv2"}, {"conv2", "conv3", "fc"}]:
+        policy = _policy({n: None if n in floats else (7, 8) for n in LAYERS})
+        assert predict_latency(tiny_table, policy) == pytest.approx(world(floats)), floats
+    additive = tiny_table.rest_ms + sum(tiny_table.lut[n]["float"] for n in LAYERS)
+    assert additive == pytest.approx(WHOLE_FLOAT)  # the anchor mix closes the float model for the search too
 
 
 def test_the_file_round_trips_and_feeds_a_cost_table(tiny_table):
@@ -254,3 +291,14 @@ def test_export_times_a_latency_budgeted_policy_against_its_budget(tiny_table, t
     ppath, cpath, _ = make_checkpoint(tmp_path / "g", "tinynet", 4, 4, "ort", policy=gone)
     rep = run_export(ExportConfig(str(ppath), str(cpath), out_dir=str(tmp_path / "y"), latency_seconds=0.2))
     assert rep["latency_budget"]["status"].startswith("not measured") and "missing.json" in rep["latency_budget"]["status"]
+
+
+def test_island_deltas_are_paired_by_round():
+    """Load that drifts between rounds, and a round where only the reference was slow, must not shift the delta of
+    every variant timed with that reference (the difference of medians would say -3.5 here)."""
+    from asga_deploy.lut.build import paired_delta
+
+    ref = {"median_ms": 14.0, "per_round_ms": [10.0, 10.0, 14.0, 14.0, 14.0]}
+    var = {"median_ms": 10.5, "per_round_ms": [10.5, 10.5, 10.5, 14.5, 14.5]}  # +0.5 but in round 3
+    assert paired_delta(var, ref) == pytest.approx(0.5)
+    assert paired_delta({"median_ms": 3.0}, {"median_ms": 2.0}) == pytest.approx(1.0)  # no rounds: the medians

@@ -12,8 +12,9 @@ same INT8 kernel, so three distinct kernels are measured per layer and every (w,
 
 plus `edges` (two float layers in a row: pair unit - both islands + session cost - the Transposes between
 them) and rest_ms = whole model at the int8 policy - sum of its layers' int8 entries, all from the same
-rounds. The table records a check of the rest term: the predicted and measured whole model with every layer
-float.
+rounds. A float entry mixes what a layer's float island costs in the int8 model with what its int8 island
+saves in the every-layer-float model, so that both whole models come out as measured (model.py). The table
+records a check: the predicted and measured whole model with every other layer float.
 """
 
 from __future__ import annotations
@@ -141,17 +142,20 @@ def plan_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], thread
     all_float = Graph(lowered(cfg.model, every_float, shape, cfg.num_classes, cfg.seed))
     edges = direct_edges(all_float, names)
     # the int8 (and the 4-bit) model with one layer, or one direct pair, float: what a float island costs in place,
-    # next to integer layers with 8-bit or with requantized inputs (ORT's graph around it differs)
-    plan = [("island", "int8", (n,)) for n in names] + [("island", "int8", e) for e in edges] + [
-        ("islandR", "requant", (n,)) for n in names]
-    emit(callback, ProgressEvent("info", "lut", message=f"lowering {len(plan)} variants of the int8 and 4-bit models, "
-                                 "each with one float layer or one float pair"))
+    # next to integer layers with 8-bit or with requantized inputs (ORT's graph around it differs); and the
+    # every-layer-float model with one layer int8: what a layer costs in place inside a float chain
+    hi = graphs["int8"][1]
+    plan = [("island", graphs["int8"][1], (n,), None) for n in names] + [
+        ("island", graphs["int8"][1], e, None) for e in edges] + [
+        ("islandR", graphs["requant"][1], (n,), None) for n in names] + [
+        ("islandF", dict.fromkeys(names), (n,), hi[n]) for n in names]
+    emit(callback, ProgressEvent("info", "lut", message=f"lowering {len(plan)} variants of the int8, 4-bit and float "
+                                 "models, each with one layer (or one pair) changed"))
     variants = {}
-    for prefix, kernel, floats in plan:
-        base = graphs[kernel][1]
-        pol = make_policy(cfg.model, target.name, costs, {n: None if n in floats else base[n] for n in names}, shape,
-                          cfg.num_classes)
-        key = f"{prefix}|" + "|".join(floats)
+    for prefix, base, changed, value in plan:
+        pol = make_policy(cfg.model, target.name, costs, {n: value if n in changed else base[n] for n in names},
+                          shape, cfg.num_classes)
+        key = f"{prefix}|" + "|".join(changed)
         variants[key] = measure.Unit(key, lowered(cfg.model, pol, shape, cfg.num_classes, cfg.seed).SerializeToString(),
                                      shape, "float32")
     for n in names:
@@ -202,6 +206,18 @@ def legal_keys(target: Target, signed: bool) -> list[str]:
     return list(dict.fromkeys([*keys, "w8a8", "float"]))
 
 
+def paired_delta(variant: dict, ref: dict) -> float:
+    """Return variant - reference (ms): the median over rounds of their difference in the same round where both have
+    per-round means (load that drifts, or one unlucky reference, then cancels instead of shifting every delta of
+    the group), else the difference of their medians."""
+    a, b = variant.get("per_round_ms"), ref.get("per_round_ms")
+    if a and b and len(a) == len(b):
+        d = sorted(x - y for x, y in zip(a, b, strict=True))
+        mid = len(d) // 2
+        return d[mid] if len(d) % 2 else (d[mid - 1] + d[mid]) / 2
+    return variant["median_ms"] - ref["median_ms"]
+
+
 def measure_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], timing: measure.TimingConfig,
                 callback: Callback | None = None) -> dict:
     """Return the measured table body on ONNX Runtime (CPU)."""
@@ -214,10 +230,11 @@ def measure_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], tim
     keys = list(variants)
     for i in range(0, len(keys), VARIANTS_PER_JOB):  # a few whole models per process: each holds its own arena
         group = {k: variants[k] for k in keys[i:i + VARIANTS_PER_JOB]}
-        group.update({k: units[k] for k in ("whole|int8", "whole|requant")})
+        group.update({k: units[k] for k in ("whole|int8", "whole|requant", "whole|float_layers")})
         t = measure.median_times(group, cfg.batch_size, timing, callback)
-        ref = {k: t.pop(f"whole|{k}")["median_ms"] for k in ("int8", "requant")}
-        times.update({k: {**v, "delta_ms": v["median_ms"] - ref["requant" if k.startswith("islandR|") else "int8"]}
+        refs = {k: t.pop(k) for k in ("whole|int8", "whole|requant", "whole|float_layers")}
+        base = {"island": "int8", "islandR": "requant", "islandF": "float_layers"}
+        times.update({k: {**v, "delta_ms": paired_delta(v, refs[f"whole|{base[k.split('|', 1)[0]]}"])}
                       for k, v in t.items()})
     body = combine(times, info)
     return {**body, "layer_info": info["layers"], "units": times, "unit_transposes": info["transposes"],
