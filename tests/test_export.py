@@ -359,3 +359,7 @@ def test_float_layers_stay_float_in_onnx_runtime(tmp_path):
     layers = rep["ort_integer_kernels"]["layers"]
     assert not [n for n in pol.float_layers if layers[n]["integer"]], layers
     assert rep["parity"]["max_abs_logit_diff"] < 1e-4 and rep["parity"]["top1_agreement"] == 1.0
+    # float layers round in float (ORT's conv algorithm vs torch's): a tie may land on either side of the next
+    # quantizer, so no logit-step bound is promised, only the top-1 criteria (a 97-step logit gap on 2% of
+    # test images failed a latency-budgeted resnet20-w0.5 export with 19 float layers before this)
+    assert rep["parity"]["steps_checked"] is False

@@ -133,7 +133,7 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
     else:
         int_ref = integer_reference(ref, units, float_units)
         step = logit_step(ref, units, float_units)
-        all_integer = not float_units
+        all_integer = not float_units and not policy.float_layers  # a float layer's rounding decides ties
     t0 = time.perf_counter()
     report["parity"] = parity(ref, int_ref, exact, loader, cfg.parity, step, all_integer)
     report["parity"]["graph"] = "fp32 twin of the FP16 file" if cfg.fp16_float_layers else "the written file"
