@@ -205,7 +205,9 @@ class Budget:
         """Return n choices drawn uniformly at random from those that meet the budget (seeded).
 
         Exact for one limit on an exact cost grid (counting the completions of every partial cost by
-        dynamic programming); otherwise uniform by rejection from the first limit's sampler.
+        dynamic programming); on a finer grid the costs are rounded to at most MAX_BINS cells (nearly
+        uniform); with several limits uniform by rejection from the first limit's sampler. Every draw is
+        checked exactly against the whole budget.
         """
         rng = np.random.default_rng(seed)
         names = list(options)
@@ -216,30 +218,31 @@ class Budget:
         if len(self.limits) > 1:  # the "at least one inside its window" rule: sample below every bound
             lo = 0
         unit = int(np.gcd.reduce(np.concatenate(costs))) or 1
-        if hi // unit > MAX_BINS:
-            raise BudgetError(f"budget {self.describe()}: the cost grid is too fine to sample uniformly")
+        if hi // unit > MAX_BINS:  # a fine grid (many layers, odd costs): cells of about hi / MAX_BINS
+            unit = -(-hi // MAX_BINS)
         cells = hi // unit + 1
+        steps = [np.rint(c / unit).astype(np.int64) for c in costs]
         ways = [np.zeros(cells) for _ in range(len(costs) + 1)]  # ways[g][s]: completions from group g at cost s
         ways[-1][lo // unit + (lo % unit > 0):] = 1.0
         for g in range(len(costs) - 1, -1, -1):
-            for c in costs[g]:
-                k = int(c) // unit
+            for k in steps[g]:
                 if k < cells:
                     ways[g][:cells - k] += ways[g + 1][k:]
         if ways[0][0] == 0:
             raise BudgetError(f"budget {self.describe()}: no choice of these options meets it")
         out: list[dict[str, tuple[int, int]]] = []
-        while len(out) < n:
+        for _ in range(1000 * n):
             s, choice = 0, {}
             for g, m in enumerate(names):
-                w = np.array([ways[g + 1][s + int(c) // unit] if s + int(c) // unit < cells else 0.0
-                              for c in costs[g]])
+                w = np.array([ways[g + 1][s + k] if s + k < cells else 0.0 for k in steps[g]])
                 k = int(rng.choice(len(w), p=w / w.sum()))
                 choice[m] = tuple(options[m][k])
-                s += int(costs[g][k]) // unit
+                s += int(steps[g][k])
             if self.meets(table, choice):
                 out.append(choice)
-        return out
+                if len(out) == n:
+                    return out
+        raise BudgetError(f"budget {self.describe()}: {len(out)} of {n} random draws met it in {1000 * n} tries")
 
     def check_feasible(self, table: CostTable, options: Mapping[str, Sequence[tuple[int, int]]]) -> None:
         """Raise BudgetError, saying the feasible range, when no choice of the options meets the budget."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -87,6 +88,24 @@ def test_random_policies_are_feasible_uniform_and_seeded(table):
     assert set(counts) == set(feasible)  # every feasible policy is reachable, nothing else is
     expected = 600 / len(feasible)
     assert max(counts.values()) < 2.5 * expected and min(counts.values()) > 0.3 * expected
+
+
+def test_random_policies_on_a_cost_grid_too_fine_for_exact_counting(table, monkeypatch):
+    """Many layers with odd costs (MobileNetV2) make the exact grid too fine: the costs are rounded to coarser cells
+    and every draw is still checked against the exact budget."""
+    import asga_deploy.budget as budget_mod
+
+    monkeypatch.setattr(budget_mod, "MAX_BINS", 7)
+    budget = Budget.from_options(bitops=0.25, tol=0.5)
+    ct, opts = cost_table(table), options_of(table)
+    feasible = {c for c in itertools.product(*[opts[n] for n in table["layers"]])
+                if budget.meets(ct, dict(zip(table["layers"], c, strict=True)))}
+    lim = budget.limits[0]
+    grid = math.gcd(*[ct.unit_cost(lim.metric, n, w, a) for n in table["layers"] for w, a in opts[n]])
+    assert budget.window(lim, ct)[1] // grid > budget_mod.MAX_BINS  # the coarse path is the one tested
+    draws = random_choices(table, budget, 300, seed=1)
+    assert all(budget.meets(ct, d) for d in draws)
+    assert len({tuple(d[n] for n in table["layers"]) for d in draws}) > len(feasible) // 2
 
 
 def test_per_cost_sensitivity_and_rank_agreement():
