@@ -80,8 +80,10 @@ def export_fp32(model: torch.nn.Module, size: int, path: Path) -> None:
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
 
-def ort_quantize(fp32: Path, out: Path, batches: list[torch.Tensor], reduce_range: bool) -> None:
-    """ORT's own quantize_static: QDQ, per-channel weights, U8 activations / S8 weights."""
+def ort_quantize(fp32: Path, out: Path, batches: list[torch.Tensor], reduce_range: bool,
+                 nodes_to_exclude: list[str] = ()) -> None:
+    """ORT's own quantize_static: QDQ, per-channel weights, U8 activations / S8 weights (nodes_to_exclude: left
+    float, the Neural-Compressor-style fallback)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -95,7 +97,9 @@ def ort_quantize(fp32: Path, out: Path, batches: list[torch.Tensor], reduce_rang
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre))
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(nodes_to_exclude))
+    pre.unlink()
 
 
 def our_export(float_model: torch.nn.Module, policy: Policy, size: int, path: Path,
