@@ -48,7 +48,7 @@ BUDGETS = {  # name: (budget, what a uniform policy of it is)
 }
 DATASETS = ("fashion-mnist", "fashion-mnist-m")
 PROXY = 1000
-MODELS = ("resnet20", "resnet20-w0.5", "mobilenetv2-cifar")
+MODELS = ("resnet20", "resnet20-w0.5", "mobilenetv2-cifar-w0.5")
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
