@@ -29,7 +29,7 @@ SCHEMA = "asga-lut/1"
 DEFAULT_DIR = Path("runs") / "lut"
 KEY_FIELDS = ("backend", "backend_version", "isa", "threads", "batch", "input_shape", "model", "num_classes",
               "target", "format")
-FORMAT = 1  # how units are cut and combined; a change invalidates cached tables
+FORMAT = 2  # how units are cut and combined; a change invalidates cached tables (2: the float-anchored islands)
 
 
 class LutError(AsgaError):
