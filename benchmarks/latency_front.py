@@ -22,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-from chain import CACHE, RESULTS, finetune, float_model, log, wait_for_quiet, write_result
+from chain import CACHE, RESULTS, finetune, float_model, log, search, wait_for_quiet, write_result
 
 from asga_deploy.io import atomic_write_json
 from asga_deploy.naming import uniform_stem
@@ -61,8 +61,6 @@ def search_runs(args) -> list[dict]:
 
 def run_search(root: Path, args, run: dict, float_ckpt: Path) -> dict:
     """Search one policy (cached); without --allow-diagnostics first, and say so per run when it was needed."""
-    from chain import search
-
     common = dict(root=root, model=args.model, dataset=args.dataset, objective="asga", seed=args.seed, budget=None,
                   subset=PROXY, epochs=args.search_epochs, float_ckpt=float_ckpt, tag=run["label"],
                   budget_latency=run["latency"], lut=str(lut_path(root, args.batch)), float_choice=True,
@@ -238,6 +236,7 @@ def compute(root: Path, args) -> dict:
 
 def time_all(root: Path, args) -> dict:
     """Time every point's ONNX model in one alternating run (one shared thread pool, lut.measure)."""
+    from asga_deploy.export.ort import file_session_config
     from asga_deploy.lut.measure import TimingConfig, Unit, median_times
 
     state = json.loads((root / "front.json").read_text())
@@ -247,7 +246,7 @@ def time_all(root: Path, args) -> dict:
     log(f"timing {len(units)} models, batch {args.batch}, {args.rounds} alternating rounds (load {load:.2f})")
     entries = {}
     for v in state["points"].values():
-        entries.update(_session_entries(Path(v["onnx"])))
+        entries.update(file_session_config(Path(v["onnx"])))
     cfg = TimingConfig(rounds=args.rounds, target_ms=20.0, max_runs=20, threads=args.threads,
                        session_config=tuple(sorted(entries.items())))
     t0 = time.time()
@@ -260,15 +259,6 @@ def time_all(root: Path, args) -> dict:
                        "runs": {k: v["runs"] for k, v in times.items()}}
     atomic_write_json(root / "front.json", state)
     return state
-
-
-def _session_entries(path: Path) -> dict[str, str]:
-    import onnx
-
-    from asga_deploy.export.run import SESSION_CONFIG_KEY
-
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return json.loads(meta[SESSION_CONFIG_KEY]) if SESSION_CONFIG_KEY in meta else {}
 
 
 def report(root: Path, args, command: str) -> None:

@@ -38,7 +38,7 @@ from chain import wait_for_quiet  # noqa: E402
 
 from asga_deploy.export.kernels import integer_kernels  # noqa: E402
 from asga_deploy.export.onnx_qdq import LoweringConfig, lower, prepare_model  # noqa: E402
-from asga_deploy.export.ort import SESSION_CONFIG_KEY, cpu_isa, session  # noqa: E402
+from asga_deploy.export.ort import cpu_isa, file_session_config, session  # noqa: E402
 from asga_deploy.export.reference import integer_reference  # noqa: E402
 from asga_deploy.export.units import find_units  # noqa: E402
 from asga_deploy.io import atomic_write_json, git_commit, machine_info, versions  # noqa: E402
@@ -132,7 +132,7 @@ def time_alternating(paths: dict[str, Path], x: np.ndarray, threads: int, rounds
     images of x's shape, one per model. Otherwise here, a pool per session, every model on x.
     """
     if shared_pool:
-        recorded = {k: _session_entries(p) for k, p in paths.items()}
+        recorded = {k: file_session_config(p) for k, p in paths.items()}
         if len({tuple(sorted(v.items())) for v in recorded.values()}) > 1:
             raise SystemExit(f"the models record different ONNX Runtime session entries: {recorded}")
         units = {k: Unit(k, p.read_bytes(), tuple(x.shape[1:]), "float32") for k, p in paths.items()}
@@ -160,16 +160,6 @@ def time_alternating(paths: dict[str, Path], x: np.ndarray, threads: int, rounds
     return {k: {"median_ms": float(np.median(v)), "p10_ms": float(np.percentile(v, 10)),
                 "p90_ms": float(np.percentile(v, 90)), "n": len(v), "per_round_ms": per_round[k]}
             for k, v in times.items()}
-
-
-def _session_entries(path: Path) -> dict[str, str]:
-    """Return the ONNX Runtime session entries a model records in its metadata (asga exports; none for ORT's)."""
-    import json
-
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return json.loads(meta[SESSION_CONFIG_KEY]) if SESSION_CONFIG_KEY in meta else {}
 
 
 def paired(timing: dict, a: str, b: str, seed: int = 0) -> dict:

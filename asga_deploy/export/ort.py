@@ -55,6 +55,14 @@ def recorded_session_config(sess) -> dict[str, str]:
     return json.loads(meta[SESSION_CONFIG_KEY]) if SESSION_CONFIG_KEY in meta else {}
 
 
+def file_session_config(path: str | Path) -> dict[str, str]:
+    """Return the session entries an ONNX file's metadata asks for, without opening a session (empty for models
+    that are not asga exports)."""
+    onnx = require("onnx", "onnx")
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(meta[SESSION_CONFIG_KEY]) if SESSION_CONFIG_KEY in meta else {}
+
+
 def session(model: str | Path | bytes, threads: int = 0, optimized_path: str | Path | None = None,
             level: str = "all", config: dict[str, str] | None = None):
     """Return a CPU InferenceSession (intra-op threads, optimization level, optional optimized-graph dump).

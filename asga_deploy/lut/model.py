@@ -24,8 +24,8 @@ before it leave them in the whole model of that kind. From their medians:
                     over the model (fitted on the two models with every other layer float);
                     float-anchored = the every-layer-float model - the same with this one layer int8;
                     w (anchor_mix) such that the every-layer-float model comes out as measured.
-                    `float_before_requant`: + the difference of the island measured in the 4-bit model, used
-                    when every layer right after it requantizes
+                    (tables before format 2 also had `float_before_requant`, the island measured in the 4-bit
+                    model, used when every layer right after it requantizes; now `float_island_step_requant`)
     edge (a, b)     (the int8 model with a and b float) - (with a float) - (with b float) + the int8 model:
                     two float layers in a row skip the Q/DQ and layout changes between them (recorded; the side
                     model below accounts for it per side)
@@ -162,7 +162,6 @@ def combine(times: dict[str, dict], info: dict) -> dict:
     w = anchor_mix(kernels, t["whole|float_layers"] - t["whole|int8"])
     for k in kernels.values():
         k["float"] = k["int8"] + w * (k["float_int8_anchored"] - k["int8"]) + (1 - w) * k["float_anchored_step"]
-        k["float_before_requant"] = k["float"] + kappa * (k["transition_alone_requant"] - k["transition_alone"])
     edges = pairs  # what two float layers in a row save over two islands (the side model has it per side)
     # the side model (predict): a float layer among quantized neighbours costs its island step; each of its sides
     # (input, output) that faces float neighbours saves what the layout change and Q/DQ there cost. The island step
