@@ -3,7 +3,11 @@ solvers that pick the best per-layer choices within them (method.md sections 6 a
 
 A `Budget` is a set of `Limit`s and a tolerance. A policy meets it when every limit's cost is at most
 its bound T and at least one limit is used to within the tolerance, (1 - tol) T <= cost: the window
-`Budget.window` is the one place that defines it. One limit is solved by dynamic programming over the
+`Budget.window` is the one place that defines it. A latency limit is an upper bound only (its window
+starts at 0): being faster than asked is never a fault, and on backends where some cheap-looking choices
+are SLOWER (sub-8-bit activations on ONNX Runtime) a "use the budget" rule would buy slower, less
+accurate layers (measured, benchmarks/results/latency_front.md). A budget with a latency limit is
+therefore met by every policy under all of its bounds: the accuracy decides below them. One limit is solved by dynamic programming over the
 cost axis (a multiple-choice knapsack); several by an integer program (scipy.optimize.milp).
 """
 
@@ -60,6 +64,16 @@ class Limit:
         ref = table.reference(self.metric)
         return self.bound(table) / ref if ref else 0.0
 
+    def show(self, counted: float, table: CostTable) -> str:
+        """Return a cost of the counted layers as the user reads this limit: a ratio of their W8A8 cost, or for a
+        whole-model limit the whole model's milliseconds / megabytes and its ratio to the reference model."""
+        if not self.whole:
+            return f"{counted / table.reference(self.metric):.4g} of W8A8"
+        whole = counted + table.constant(self.metric)
+        ref = self.target(table) / self.value if self.relative else None
+        unit = "ms" if self.metric == "latency" else "MB"
+        return f"{whole / _UNITS[self.metric]:.4g} {unit}" + (f" ({whole / ref:.3g}x{self.of})" if ref else "")
+
     def tag(self) -> str:
         """Return the short name used in artifact names (r12.5 = 12.5% of W8A8 BitOPs)."""
         if self.metric == "bitops":
@@ -68,6 +82,11 @@ class Limit:
             return f"{self.value:g}x{self.of}" if self.relative else f"{self.value:g}ms"
         return (f"{100 * self.value:g}pct-size" if self.relative else f"{self.value:g}mb") + ("-total" if self.whole
                                                                                              else "")
+
+    @property
+    def upper_only(self) -> bool:
+        """Return whether the limit is an upper bound only (latency), with no window below it."""
+        return self.metric == "latency"
 
     def describe(self) -> str:
         """Return the limit as the user gave it."""
@@ -138,8 +157,16 @@ class Budget:
         """Return the metrics the budget limits (each once)."""
         return tuple(dict.fromkeys(lim.metric for lim in self.limits))
 
+    @property
+    def upper_only(self) -> bool:
+        """Return whether every policy under all bounds meets the budget (it has an upper-bound-only limit)."""
+        return any(lim.upper_only for lim in self.limits)
+
     def window(self, limit: Limit, table: CostTable) -> tuple[int, int]:
-        """Return (lo, hi): the counted layers' integer costs that put the limit's cost inside [(1 - tol) T, T]."""
+        """Return (lo, hi): the counted layers' integer costs that put the limit's cost inside [(1 - tol) T, T]
+        (inside [0, T] for an upper-bound-only limit)."""
+        if limit.upper_only:
+            return 0, limit.bound(table)
         const = table.constant(limit.metric) if limit.whole else 0
         return math.ceil((1.0 - self.tol) * limit.target(table) - const - 1e-9), limit.bound(table)
 
@@ -160,7 +187,8 @@ class Budget:
 
     def describe(self) -> str:
         """Return the budget as the user gave it."""
-        return ", ".join(lim.describe() for lim in self.limits) + f" (tolerance {self.tol:g})"
+        return ", ".join(lim.describe() for lim in self.limits) + (" (upper bounds)" if self.upper_only
+                                                                   else f" (tolerance {self.tol:g})")
 
     def uniform_matches(self, table: CostTable, target: Target) -> list[tuple[int, int]]:
         """Return the uniform (w, a) choices of the target that meet the budget (signed inputs at their own bits)."""
@@ -251,14 +279,16 @@ class Budget:
             lo = sum(min(table.unit_cost(lim.metric, n, w, a) for w, a in opts) for n, opts in options.items())
             hi = sum(max(table.unit_cost(lim.metric, n, w, a) for w, a in opts) for n, opts in options.items())
             t = lim.bound(table)
+            top = hi if lim.upper_only else hi / (1 - self.tol)
+            span = (f"feasible range {lim.show(lo, table)}..{lim.show(top, table)}" if lim.whole else
+                    f"feasible range {lo / ref:.4g}..{top / ref:.4g} of W8A8") + (
+                "" if lim.upper_only else f" (tolerance {self.tol:g})")
             if t < lo:
-                raise BudgetError(f"budget {lim.describe()} = {t / ref:.4g} of W8A8 is below the cheapest policy of "
-                                  f"these candidates; feasible range {lo / ref:.4g}..{hi / ref / (1 - self.tol):.4g} "
-                                  f"of W8A8 (tolerance {self.tol:g})")
-            if len(self.limits) == 1 and (1.0 - self.tol) * t > hi:
-                raise BudgetError(f"budget {lim.describe()} = {t / ref:.4g} of W8A8 is above the most expensive "
-                                  f"policy of these candidates; feasible range {lo / ref:.4g}.."
-                                  f"{hi / ref / (1 - self.tol):.4g} of W8A8 (tolerance {self.tol:g})")
+                raise BudgetError(f"budget {lim.describe()} = {lim.show(t, table)} is below the cheapest policy of "
+                                  f"these candidates; {span}")
+            if len(self.limits) == 1 and not lim.upper_only and (1.0 - self.tol) * t > hi:
+                raise BudgetError(f"budget {lim.describe()} = {lim.show(t, table)} is above the most expensive "
+                                  f"policy of these candidates; {span}")
         self.solve(table, options, {n: np.zeros(len(o)) for n, o in options.items()})
 
     def _infeasible(self, table: CostTable, costs: list, windows: list) -> str:

@@ -1,11 +1,15 @@
 """Latency front: accuracy vs MEASURED latency and vs weight size on ONNX Runtime (CPU). Resumable.
 
-ASGA searches under several latency budgets between the W8A8 model and float (`--float-choice`: a layer may
-stay FP32), alone and together with a size budget, priced by a measured `asga lut` table; every policy is
+ASGA searches under several latency budgets (`--float-choice`: a layer may stay FP32; a latency budget is an
+upper bound only), alone and together with a size budget, priced by a measured `asga lut` table of the
+front's batch size; every policy is
 fine-tuned with the same recipe, exported exactly, evaluated through ONNX Runtime on the whole test set, and
 timed in ONE alternating run with the baselines: uniform W8A8 (and W4A8, same kernels, half the weights),
 the fp32 model, and ONNX Runtime's own `quantize_static` with its k most sensitive layers left in float (the
 Neural-Compressor-style fallback; a layer's sensitivity = the proxy accuracy when it alone stays float).
+
+Each batch size has its own searches and results (latency_front-b{B}.*); the float model, the uniform and
+fallback models and the accuracies are shared.
 
     python benchmarks/latency_front.py --stage lut        # the latency table (needs a quiet machine)
     python benchmarks/latency_front.py --stage compute    # searches, fine-tunes, exports, fallback (1 core)
@@ -36,6 +40,10 @@ def lut_path(root: Path, batch: int) -> Path:
     return root / f"lut-b{batch}.json"
 
 
+def front_path(root: Path, args) -> Path:
+    return root / f"front-b{args.batch}.json"
+
+
 def build_lut(root: Path, args) -> Path:
     """Measure (or reuse) the model's latency table at the front's batch size."""
     from asga_deploy.lut.build import LutConfig, run_lut
@@ -54,7 +62,7 @@ def search_runs(args) -> list[dict]:
     runs = []
     for size in (None, args.size_mb):
         for b in args.budgets:
-            tag = f"asga-lat{b:g}" + (f"-size{size:g}" if size else "")
+            tag = f"asga-b{args.batch}-lat{b:g}" + (f"-size{size:g}" if size else "")
             runs.append({"label": tag, "latency": f"{b:g}xw8a8", "size_mb": size})
     return runs
 
@@ -64,7 +72,7 @@ def run_search(root: Path, args, run: dict, float_ckpt: Path) -> dict:
     common = dict(root=root, model=args.model, dataset=args.dataset, objective="asga", seed=args.seed, budget=None,
                   subset=PROXY, epochs=args.search_epochs, float_ckpt=float_ckpt, tag=run["label"],
                   budget_latency=run["latency"], lut=str(lut_path(root, args.batch)), float_choice=True,
-                  budget_size_mb=run["size_mb"])
+                  budget_size_mb=run["size_mb"], search_edges=True)
     try:
         return search(**common)
     except SearchDiagnosticError as e:
@@ -230,7 +238,7 @@ def compute(root: Path, args) -> dict:
     for label, m in fb["models"].items():
         points[label] = {"kind": "ort-fallback", **m, "top1": ort_accuracy(root, Path(m["onnx"]), args)}
     state = {"points": points, "fallback": {k: v for k, v in fb.items() if k != "models"}}
-    atomic_write_json(root / "front.json", state)
+    atomic_write_json(front_path(root, args), state)
     return state
 
 
@@ -239,7 +247,7 @@ def time_all(root: Path, args) -> dict:
     from asga_deploy.export.ort import file_session_config
     from asga_deploy.lut.measure import TimingConfig, Unit, median_times
 
-    state = json.loads((root / "front.json").read_text())
+    state = json.loads(front_path(root, args).read_text())
     load = wait_for_quiet(args.max_load, args.patience, 30)
     units = {k: Unit(k, Path(v["onnx"]).read_bytes(), (args.in_chans, args.size, args.size), "float32")
              for k, v in state["points"].items()}
@@ -257,13 +265,13 @@ def time_all(root: Path, args) -> dict:
                        "p10_ms": {k: v["p10_ms"] for k, v in times.items()},
                        "p90_ms": {k: v["p90_ms"] for k, v in times.items()},
                        "runs": {k: v["runs"] for k, v in times.items()}}
-    atomic_write_json(root / "front.json", state)
+    atomic_write_json(front_path(root, args), state)
     return state
 
 
 def report(root: Path, args, command: str) -> None:
-    """Write results/latency_front.{json,md,png}."""
-    state = json.loads((root / "front.json").read_text())
+    """Write results/latency_front-b{B}.{json,md,png}."""
+    state = json.loads(front_path(root, args).read_text())
     t = state.get("timing")
     if t is None:
         raise SystemExit("not timed yet: run --stage time")
@@ -279,7 +287,8 @@ def report(root: Path, args, command: str) -> None:
                      "float_layers": v.get("float_layers", []), "allow_diagnostics": v.get("allow_diagnostics"),
                      "torch_top1": v.get("torch_top1"), "parity_agreement": v.get("parity_agreement")})
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "stage"}
-    write_result("latency_front", command, settings, {"rows": rows, "timing": t, "fallback": state["fallback"]})
+    name = f"latency_front-b{args.batch}"
+    write_result(name, command, settings, {"rows": rows, "timing": t, "fallback": state["fallback"]})
 
     def num(x, fmt):
         return format(x, fmt) if x is not None else ""
@@ -287,7 +296,8 @@ def report(root: Path, args, command: str) -> None:
     lines = ["# Latency front: accuracy vs measured latency (ONNX Runtime, CPU)", "",
              f"`{command}`: {args.dataset} / {args.model}, batch {t['batch']}, {t['threads']} threads in one shared "
              f"pool, {t['rounds']} alternating rounds (medians), 1-minute load {t['load_1min']:.2f} at the start. "
-             "Top-1 through ONNX Runtime on the whole test set; fine-tunes: one seed.", "",
+             "Top-1 through ONNX Runtime on the whole test set; fine-tunes: one seed. A latency budget is an upper "
+             "bound only; `met` compares the measured latency with it.", "",
              "| point | top-1 % | measured ms | x W8A8 | x fp32 | predicted ms | budget ms | met | weights KB | "
              "float layers | diagnostics |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["measured_ms"]):
@@ -297,9 +307,9 @@ def report(root: Path, args, command: str) -> None:
                      f"{r['vs_fp32']:.2f} | {num(r['predicted_ms'], '.3f')} | {num(r['budget_ms'], '.3f')}{size} | "
                      f"{met} | {num(r['weight_kb'], '.1f')} | {len(r['float_layers'])} | "
                      f"{'allowed (failed: see json)' if r['allow_diagnostics'] else ''} |")
-    (RESULTS / "latency_front.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     try:
-        plot(rows, RESULTS / "latency_front.png", t)
+        plot(rows, RESULTS / f"{name}.png", t)
     except ImportError:
         pass
     print("\n".join(lines))
@@ -340,7 +350,7 @@ def main(argv=None) -> int:
     ap.add_argument("--in-chans", type=int, default=1)
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--budgets", type=float, nargs="+", default=[1.05, 1.15, 1.25, 1.35], help="x the W8A8 model")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.8, 0.9, 1.0], help="x the W8A8 model")
     ap.add_argument("--size-mb", type=float, default=0.04, help="the size budget searched with each latency budget")
     ap.add_argument("--uniform", type=lambda s: tuple(int(v) for v in s.split(",")), nargs="+",
                     default=[(8, 8), (4, 8)])

@@ -147,6 +147,30 @@ def test_latency_limits_parse_and_cover_the_whole_model():
     assert b.metrics == ("size", "latency") and b.tag() == "0.01mb-total-0.9xw8a8"
 
 
+def test_a_latency_limit_is_an_upper_bound_only():
+    """Faster than asked is never a fault: a latency limit has no window below it, so a budget with one is met
+    by every policy under all its bounds (with a size limit too), and a loose latency budget is feasible."""
+    t = _lut_table(1)
+    whole_w8a8 = t.constant("latency") + sum(t.unit_cost("latency", n, 8, 8) for n in t.counted)
+    lat = Limit("latency", 1.5 * whole_w8a8 / 1e6, False, whole=True)
+    b = Budget((lat,))
+    assert b.upper_only and b.window(lat, t) == (0, lat.bound(t)) and "upper bounds" in b.describe()
+    cheap = {n: (8, 8) for n in t.counted}  # 1/1.5 of the bound: far outside a 3% window, still met
+    assert t.total("latency", cheap) < 0.9 * lat.bound(t) and b.meets(t, cheap)
+    assert not Budget((Limit("latency", 0.5 * whole_w8a8 / 1e6, False, whole=True),)).meets(t, cheap)
+    options = {n: [(8, 8), (4, 8)] for n in t.counted}
+    b.check_feasible(t, options)  # the cheapest policy is far under: no "above the dearest policy" error
+    choice, _ = b.solve(t, options, {n: [0.0, 1.0] for n in t.counted})
+    assert choice == {n: (4, 8) for n in t.counted}  # the values decide below the bound
+    size = Limit("size", 1.0, False, whole=True)  # 1 MB: far above these layers' weights
+    both = Budget((lat, size))
+    assert both.upper_only and both.meets(t, cheap)
+    assert not Budget((size,)).meets(t, cheap)  # alone, a size limit keeps its window
+    with pytest.raises(BudgetError, match=r"0.05xw8a8 = [\d.]+ ms \(0.05xw8a8\) is below the cheapest policy.*"
+                                          r"feasible range [\d.]+ ms \(1xw8a8\)\.\.[\d.]+ ms \(1xw8a8\)$"):
+        Budget.from_options(latency="0.05xw8a8").check_feasible(t, options)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_latency_and_size_together_equal_brute_force(seed):
     t = _lut_table(seed)

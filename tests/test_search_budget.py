@@ -69,6 +69,17 @@ def test_controller_integral_is_clamped_and_soft_budget_is_fixed():
     assert C.Controller(None, lam=0.7)(0.9) == 0.7  # soft budget: fixed lambda
 
 
+def test_an_upper_bound_only_controller_never_pushes_the_cost_up():
+    """A latency budget: over the bound the controller pushes down as before; under it the integral decays to 0
+    and lambda_used is never negative (a windowed controller pushes a cheap policy back up to the window)."""
+    c = C.Controller(1.0, k_p=2.0, eta=0.5, lam_max=3.0, band=0.1, upper_only=True)
+    assert c(1.5) == pytest.approx(1.0) and c.lam == pytest.approx(0.25)
+    under = [c(0.5) for _ in range(5)]
+    assert all(u == 0.0 for u in under) and c.lam == 0.0
+    windowed = C.Controller(1.0, k_p=2.0, eta=0.5, lam_max=3.0, band=0.1)
+    assert windowed(0.5) < 0.0
+
+
 @pytest.mark.parametrize("target", [0.094, 0.25])
 def test_controller_reaches_the_target_on_a_toy_cost(target):
     """20 layers of logits over (2, 3, 4, 6, 8) bits; a noisy "loss" that prefers more bits with layer-specific
@@ -177,6 +188,40 @@ def test_latency_and_size_budgets_with_the_float_choice(tmp_path):
     predicted = 0.01 + sum(lut[n][choice_key(*b)] for n, b in bits.items())
     assert predicted == pytest.approx(lat["predicted_ms"], abs=1e-5)  # costs are whole nanoseconds
     assert len(res.policy.provenance["config"]) and res.policy.provenance["config"]["float_choice"] is True
+
+
+def test_a_latency_search_starts_under_its_limits_in_cost_space(tmp_path):
+    """Float is the FASTEST choice of the first layers and sub-8-bit activations are slower (as on ORT): a bits
+    prior would push the wrong way. The cost-space start puts the expected latency and size under their bounds
+    from the first step, the controller never pushes the cost up, and a loose budget leaves the start alone."""
+    import json
+
+    from asga_deploy.cost import FLOAT, choice_key, layer_costs
+    from asga_deploy.models import create_model
+
+    costs = layer_costs(create_model("tinyresnet", 10, 1), (1, 12, 12))
+    names = list(costs)
+    lut = {n: {choice_key(w, a): c.macs * 1e-6 * (1.0 + 0.2 * (a < 8)) for w in range(2, 9) for a in range(2, 9)}
+           for n, c in costs.items()}
+    for i, (n, c) in enumerate(costs.items()):
+        lut[n][choice_key(*FLOAT)] = c.macs * 1e-6 * (0.5 if i < len(names) // 2 else 2.0)
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps({"layers": lut, "rest_ms": 0.01}))
+    for budget, size, loose in (("0.8xw8a8", 0.006, False), ("3xw8a8", None, True)):
+        cfg = SearchConfig(model="tinyresnet", dataset="synthetic", objective="erm", epochs=2, alpha_lr=1.0,
+                           budget_latency=budget, budget_size_mb=size, lut=str(path), float_choice=True,
+                           search_edges=True, allow_diagnostics=True)
+        res = run_search(cfg, search_data(12, 8), tmp_path / "p", tmp_path / budget)
+        log = [json.loads(line) for line in (tmp_path / budget / "log.jsonl").read_text().splitlines()]
+        assert all(r["lambda"] >= 0.0 for r in log)
+        lat = res.metrics["latency"]
+        assert lat["predicted_ms"] <= lat["budget_ms"] + 1e-9
+        if loose:
+            assert res.metrics["start_beta"] == [0.0]
+        else:
+            assert len(res.metrics["start_beta"]) == 2 and max(res.metrics["start_beta"]) > 0
+            assert log[0]["budget_use"] <= 1.0 + 1e-3  # logged after the first step
+            assert res.policy.cost["weight_bytes_total"] <= size * 1e6
 
 
 def test_a_latency_table_of_another_target_or_other_choices_is_named_before_work(tmp_path):

@@ -64,7 +64,8 @@ def search(
                                                 help="hard budget on the whole model's weight MB"),
     budget_latency: str | None = typer.Option(None, "--budget-latency", help="hard budget on measured latency: ms "
                                               "(1.5 or 1.5ms) or a ratio of the whole W8A8 / float model "
-                                              "(0.8xw8a8, 1.5xfloat); needs --lut"),
+                                              "(0.8xw8a8, 1.5xfloat); an upper bound only: any policy "
+                                              "under it (and under the other limits) qualifies; needs --lut"),
     lut: Path | None = typer.Option(None, "--lut", help="per-layer latency table of `asga lut` (latency budgets)"),
     float_choice: bool = typer.Option(False, "--float-choice", help="a searched layer may also stay float"),
     lam: float = typer.Option(0.0, "--lambda", callback=number(0),
@@ -95,7 +96,8 @@ def search(
     search_edges: bool = typer.Option(False, "--search-edges", help="search the first conv and classifier too"),
     edge_bits: str = typer.Option("8", "--edge-bits", help="first conv / classifier in the policy: 8 | float"),
     tol: float = typer.Option(0.03, "--tol", callback=number(0, 1, lo_open=True, hi_open=True),
-                              help="policy cost window [(1 - tol) T, T]"),
+                              help="policy cost window [(1 - tol) T, T] of a BitOPs or size "
+                              "budget (none below a latency budget)"),
     rho_rule: str | None = typer.Option(None, "--rho-rule", show_default=False,
                                  help="rel | literal | fixed, for asga (sam, sam-align: fixed) [default: rel]"),
     epsilon: float = typer.Option(0.1, "--epsilon", callback=number(0, lo_open=True),

@@ -30,10 +30,12 @@ from .config import RESUME_FREE, SearchConfig, SearchData, SearchDiagnosticError
 from .controller import (
     Controller,
     choice_distance,
+    cost_shape,
     extract,
     logit_gaps,
     logit_moves,
     start_at_budget,
+    start_under_limits,
     temperature,
 )
 from .objective import ASGAStep, NonFiniteLoss, Radius
@@ -58,7 +60,9 @@ class SearchRecipe:
                                      lr=cfg.lr, momentum=cfg.momentum)
         self.a_opt = torch.optim.Adam(a_params, lr=cfg.alpha_lr, weight_decay=0.0)
         self.radius = Radius(cfg.rho_rule, cfg.epsilon, cfg.rho_min)
-        self.ctrl = Controller(1.0 if self.limits else None, cfg.lam, cfg.k_p, cfg.eta, cfg.lam_max, cfg.band)
+        upper_only = self.budget is not None and self.budget.upper_only
+        self.ctrl = Controller(1.0 if self.limits else None, cfg.lam, cfg.k_p, cfg.eta, cfg.lam_max, cfg.band,
+                               upper_only=upper_only)
         self.stepper = ASGAStep(self.net, w_params, a_params, self.w_opt, self.a_opt, cfg.objective, cfg.gamma,
                                 self.radius, cost_fn=self.budget_use, perturb=cfg.perturb)
         self.total = cfg.epochs * data.steps_per_epoch
@@ -66,7 +70,12 @@ class SearchRecipe:
         self.net.set_temperature(cfg.tau_start)
         for m in self.net.mixed_layers().values():
             m.prior_space = cfg.prior_space
-        beta = start_at_budget(self.net, self.budget_use) if self.limits and cfg.start_at_budget else 0.0
+        beta: float | list[float] = 0.0
+        if self.limits and cfg.start_at_budget and upper_only:  # a prior in cost space, one beta per limit
+            beta = start_under_limits(self.net, self.limit_uses,
+                                      [cost_shape(self.net, lim.metric) for lim in self.limits])
+        elif self.limits and cfg.start_at_budget:
+            beta = start_at_budget(self.net, self.budget_use)
         start = {n: [p.tolist() for p in m.arch_parameters()] for n, m in self.net.mixed_layers().items()}
         self.state = {"log": [], "epochs": [], "beta": beta, "start_logits": start,
                       "start_argmax": self.net.argmax_choice(), "argmax": self.net.argmax_choice(),
@@ -84,8 +93,12 @@ class SearchRecipe:
         """
         if not self.limits:
             return self.net.expected_cost("bitops")
+        return self.limit_uses().max()
+
+    def limit_uses(self) -> torch.Tensor:
+        """Return each limit's expected cost over its bound."""
         return torch.stack([self.net.expected_cost(lim.metric) / r
-                            for lim, r in zip(self.limits, self.ratios, strict=True)]).max()
+                            for lim, r in zip(self.limits, self.ratios, strict=True)])
 
     # ------------------------------------------------------------------ checkpoint
     def resume(self) -> None:
