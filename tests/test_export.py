@@ -363,3 +363,21 @@ def test_float_layers_stay_float_in_onnx_runtime(tmp_path):
     # quantizer, so no logit-step bound is promised, only the top-1 criteria (a 97-step logit gap on 2% of
     # test images failed a latency-budgeted resnet20-w0.5 export with 19 float layers before this)
     assert rep["parity"]["steps_checked"] is False
+
+
+def test_a_float_classifier_leaves_its_pooling_float_without_failing_the_export(tmp_path):
+    """The global pooling before a float classifier has no QuantizeLinear after it, so ORT runs it in float by
+    design: the kernel report marks it not quantized and the export does not fail (it did: a latency-budgeted
+    policy with a float fc needed --warn-float-kernels)."""
+    pol = uniform_policy("tinyresnet", 4, 8, "ort")
+    del pol.layers["fc"]
+    pol.float_layers.append("fc")
+    p, c, _ = make_checkpoint(tmp_path, "tinyresnet", 4, 8, "ort", policy=pol)
+    rep = run_export(ExportConfig(str(p), str(c), out_dir=str(tmp_path / "o"),
+                                  parity=ParityConfig(images=64, batch_size=32)), loader=random_loader((1, 28, 28)))
+    k = rep["ort_integer_kernels"]
+    pools = {n: v for n, v in k["ops"].items() if v["op"] == "GlobalAveragePool"}
+    assert pools and all(not v["quantized"] and not v["integer"] for v in pools.values())
+    assert k["ops_not_integer"] == [] and k["not_integer"] == [] and rep["status"] == "ok"
+    adds = [v for v in k["ops"].values() if v["op"] == "Add"]
+    assert adds and all(v["quantized"] and v["kernel"] == "QLinearAdd" for v in adds)

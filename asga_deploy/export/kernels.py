@@ -24,6 +24,7 @@ INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "
                "QLinearAveragePool", "QLinearConcat"}
 LAYER_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 NAMED_OPS = ("Add", "GlobalAveragePool")
+_PASS = ("Relu", "Clip", "Flatten", "Reshape")  # ops between a named op and its QuantizeLinear
 
 
 def quantized_weights(proto) -> dict[str, str]:
@@ -67,6 +68,16 @@ def integer_kernels(path: str | Path | bytes, threads: int = 0, keep_optimized: 
     for n in opt.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def requantized(tensor: str, depth: int = 3) -> bool:  # every path reaches a QuantizeLinear (through Relu...)
+        after = users.get(tensor, [])
+        return bool(after) and all(u.op_type == "QuantizeLinear" or (
+            depth > 0 and u.op_type in _PASS and requantized(u.output[0], depth - 1)) for u in after)
     layers, ops = {}, {}
     for node in proto.graph.node:
         if node.op_type in LAYER_OPS:
@@ -78,7 +89,12 @@ def integer_kernels(path: str | Path | bytes, threads: int = 0, keep_optimized: 
             found = found or [n.op_type for n in _by_name(opt, node.name)]
             layers[node.name] = {"op": node.op_type, "quantized": weight is not None, **_kernel(found)}
         elif node.op_type in NAMED_OPS and not node.name.startswith("/"):  # named by the lowering
-            ops[node.name] = {"op": node.op_type, **_kernel([n.op_type for n in _by_name(opt, node.name)])}
+            # on a grid both sides (every input from a DequantizeLinear, a QuantizeLinear after it): ORT can run
+            # it as a QLinear op; next to a float layer of the policy (a pooling before a float classifier) it
+            # stays float by design
+            quantized = all(producer.get(i) == "DequantizeLinear" for i in node.input) and requantized(node.output[0])
+            ops[node.name] = {"op": node.op_type, "quantized": quantized,
+                              **_kernel([n.op_type for n in _by_name(opt, node.name)])}
     counts: dict[str, int] = {}
     for n in opt.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
@@ -86,7 +102,7 @@ def integer_kernels(path: str | Path | bytes, threads: int = 0, keep_optimized: 
     not_int = [n for n in quantized if not layers[n]["integer"]]
     return {"layers": layers, "integer": len(quantized) - len(not_int), "total": len(quantized),
             "not_integer": not_int, "float_layers": [n for n, v in layers.items() if not v["quantized"]],
-            "ops": ops, "ops_not_integer": [n for n, v in ops.items() if not v["integer"]],
+            "ops": ops, "ops_not_integer": [n for n, v in ops.items() if v["quantized"] and not v["integer"]],
             "optimized_ops": dict(sorted(counts.items()))}
 
 

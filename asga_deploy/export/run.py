@@ -118,7 +118,7 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
     float_units: set[str] = set()
     if tgt.integer_kernel_report:
         k = report["ort_integer_kernels"] = integer_kernels(exact, cfg.parity.threads)
-        float_units = set(k["not_integer"]) | set(k["ops_not_integer"])
+        float_units = set(k["not_integer"]) | {n for n, v in k["ops"].items() if not v["integer"]}
         off = [n for n in k["not_integer"] if n in policy.layers] + k["ops_not_integer"]
         if off and tgt.integer_kernels_required and cfg.float_kernels != "warn":
             report["status"] = "float_kernels"
