@@ -41,7 +41,7 @@ def lut_path(root: Path, batch: int) -> Path:
 
 
 def front_path(root: Path, args) -> Path:
-    return root / f"front-b{args.batch}.json"
+    return root / f"front-b{args.batch}{'' if args.lam_floor else '-floor0'}.json"
 
 
 def build_lut(root: Path, args) -> Path:
@@ -62,7 +62,8 @@ def search_runs(args) -> list[dict]:
     runs = []
     for size in (None, args.size_mb):
         for b in args.budgets:
-            tag = f"asga-b{args.batch}-lat{b:g}" + (f"-size{size:g}" if size else "")
+            tag = f"asga-b{args.batch}-lat{b:g}" + (f"-size{size:g}" if size else "") + (
+                f"-lf{args.lam_floor:g}" if args.lam_floor else "")
             runs.append({"label": tag, "latency": f"{b:g}xw8a8", "size_mb": size})
     return runs
 
@@ -72,7 +73,7 @@ def run_search(root: Path, args, run: dict, float_ckpt: Path) -> dict:
     common = dict(root=root, model=args.model, dataset=args.dataset, objective="asga", seed=args.seed, budget=None,
                   subset=PROXY, epochs=args.search_epochs, float_ckpt=float_ckpt, tag=run["label"],
                   budget_latency=run["latency"], lut=str(lut_path(root, args.batch)), float_choice=True,
-                  budget_size_mb=run["size_mb"], search_edges=True)
+                  budget_size_mb=run["size_mb"], search_edges=True, lam_floor=args.lam_floor)
     try:
         return search(**common)
     except SearchDiagnosticError as e:
@@ -287,7 +288,7 @@ def report(root: Path, args, command: str) -> None:
                      "float_layers": v.get("float_layers", []), "allow_diagnostics": v.get("allow_diagnostics"),
                      "torch_top1": v.get("torch_top1"), "parity_agreement": v.get("parity_agreement")})
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "stage"}
-    name = f"latency_front-b{args.batch}"
+    name = f"latency_front-b{args.batch}{'' if args.lam_floor else '-floor0'}"
     write_result(name, command, settings, {"rows": rows, "timing": t, "fallback": state["fallback"]})
 
     def num(x, fmt):
@@ -351,6 +352,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.8, 0.9, 1.0], help="x the W8A8 model")
+    ap.add_argument("--lam-floor", type=float, default=0.1, help="the searches' tie-breaking latency pressure")
     ap.add_argument("--size-mb", type=float, default=0.04, help="the size budget searched with each latency budget")
     ap.add_argument("--uniform", type=lambda s: tuple(int(v) for v in s.split(",")), nargs="+",
                     default=[(8, 8), (4, 8)])

@@ -72,10 +72,10 @@ def test_controller_integral_is_clamped_and_soft_budget_is_fixed():
 def test_an_upper_bound_only_controller_never_pushes_the_cost_up():
     """A latency budget: over the bound the controller pushes down as before; under it the integral decays to 0
     and lambda_used is never negative (a windowed controller pushes a cheap policy back up to the window)."""
-    c = C.Controller(1.0, k_p=2.0, eta=0.5, lam_max=3.0, band=0.1, upper_only=True)
+    c = C.Controller(1.0, k_p=2.0, eta=0.5, lam_max=3.0, band=0.1, upper_only=True, floor=0.1)
     assert c(1.5) == pytest.approx(1.0) and c.lam == pytest.approx(0.25)
     under = [c(0.5) for _ in range(5)]
-    assert all(u == 0.0 for u in under) and c.lam == 0.0
+    assert all(u == 0.1 for u in under) and c.lam == 0.0  # only the tie-breaking floor below the bound
     windowed = C.Controller(1.0, k_p=2.0, eta=0.5, lam_max=3.0, band=0.1)
     assert windowed(0.5) < 0.0
 
@@ -213,7 +213,7 @@ def test_a_latency_search_starts_under_its_limits_in_cost_space(tmp_path):
                            search_edges=True, allow_diagnostics=True)
         res = run_search(cfg, search_data(12, 8), tmp_path / "p", tmp_path / budget)
         log = [json.loads(line) for line in (tmp_path / budget / "log.jsonl").read_text().splitlines()]
-        assert all(r["lambda"] >= 0.0 for r in log)
+        assert all(r["lambda"] >= cfg.lam_floor for r in log if not r["frozen"])
         lat = res.metrics["latency"]
         assert lat["predicted_ms"] <= lat["budget_ms"] + 1e-9
         if loose:

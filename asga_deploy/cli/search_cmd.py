@@ -75,6 +75,9 @@ def search(
     eta: float = typer.Option(0.1, "--eta", callback=number(0), help="budget controller: integral gain (per step)"),
     lam_max: float = typer.Option(10.0, "--lam-max", callback=number(0),
                                   help="budget controller: clamp of the integral"),
+    lam_floor: float = typer.Option(0.1, "--lam-floor", callback=number(0),
+                                    help="latency (upper-bound-only) budgets: the least lambda, a tie-breaker "
+                                    "towards faster choices below the bound"),
     prior_space: str = typer.Option("logit", "--prior-space", help="the starting cost bias on the raw logits "
                                     "(logit) or on alpha / tau (score)"),
     band: float = typer.Option(0.1, "--band", callback=number(0, 1, hi_open=True),
@@ -168,7 +171,7 @@ def search(
                        budget_weight_mb=budget_weight_mb, budget_size_mb=budget_size_mb,
                        budget_latency=budget_latency, lut=str(lut) if lut else None, float_choice=float_choice,
                        lam=lam, tol=tol,
-                       k_p=k_p, eta=eta, lam_max=lam_max, band=band, prior_space=prior_space, freeze_frac=freeze_frac, start_at_budget=start_at_budget,
+                       k_p=k_p, eta=eta, lam_max=lam_max, lam_floor=lam_floor, band=band, prior_space=prior_space, freeze_frac=freeze_frac, start_at_budget=start_at_budget,
                        alpha_lr_rule=alpha_lr_rule, perturb=perturb, proxy_seed=proxy_seed,
                        heldout_fraction=heldout_fraction,
                        tau_end=tau_end, lr=lr, alpha_lr=alpha_lr, gamma=gamma, epsilon=epsilon, rho_min=rho_min,

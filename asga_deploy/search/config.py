@@ -51,6 +51,8 @@ class SearchConfig:
     k_p: float = 2.0  # controller gains on e = C/T - 1 (method.md 6), tuned on resnet20 and smallcnn
     eta: float = 0.1
     lam_max: float = 10.0
+    lam_floor: float = 0.1  # an upper-bound-only (latency) budget: lambda_used >= this, so that below the bound the
+    # faster choice wins where the loss is indifferent (without it a loose budget returned slower policies)
     band: float = 0.1  # the controller acts only outside [(1 - band) T, T]
     start_at_budget: bool = True  # logits start with a cost bias that puts C(alpha_0) at the budget
     prior_space: str = "logit"  # the cost bias on the raw logits ("logit") or on alpha / tau ("score")

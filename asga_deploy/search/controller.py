@@ -28,8 +28,9 @@ class Controller:
     Inside the band [(1 - band) T, T] the error is 0: discrete policies cannot sit exactly on T, and a
     point target makes the controller flip marginal layers back and forth until the end (measured).
     An upper-bound-only budget (`upper_only`: latency, Budget.upper_only) is a plain constraint: the error
-    is signed, lambda is projected onto [0, lam_max] and lambda_used is never negative, so the cost is only
-    pushed down while it is over T and the loss alone decides below it.
+    is signed, lambda is projected onto [0, lam_max] and lambda_used is never below `floor` (>= 0): the cost is
+    pushed down hard while it is over T, and below it only by the floor, a tie-breaker towards the cheaper
+    choice where the loss is indifferent.
     A soft budget (target None) returns its fixed lambda.
     """
 
@@ -41,6 +42,7 @@ class Controller:
     band: float = 0.0
     error: float = 0.0
     upper_only: bool = False
+    floor: float = 0.0  # upper-bound-only: the least lambda_used (a tie-breaker towards cheaper choices)
 
     def __call__(self, cost: float) -> float:
         """Return lambda_used for a step at expected cost `cost` and update the (clamped) integral."""
@@ -50,7 +52,7 @@ class Controller:
         lo = 1.0 - self.band
         if self.upper_only:
             self.error = r - 1.0
-            used = max(self.lam + self.k_p * self.error, 0.0)
+            used = max(self.lam + self.k_p * self.error, self.floor)
             self.lam = min(max(self.lam + self.eta * self.error, 0.0), self.lam_max)
             return used
         self.error = r - 1.0 if r > 1.0 else (r - lo if r < lo else 0.0)

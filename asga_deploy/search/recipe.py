@@ -62,7 +62,7 @@ class SearchRecipe:
         self.radius = Radius(cfg.rho_rule, cfg.epsilon, cfg.rho_min)
         upper_only = self.budget is not None and self.budget.upper_only
         self.ctrl = Controller(1.0 if self.limits else None, cfg.lam, cfg.k_p, cfg.eta, cfg.lam_max, cfg.band,
-                               upper_only=upper_only)
+                               upper_only=upper_only, floor=cfg.lam_floor)
         self.stepper = ASGAStep(self.net, w_params, a_params, self.w_opt, self.a_opt, cfg.objective, cfg.gamma,
                                 self.radius, cost_fn=self.budget_use, perturb=cfg.perturb)
         self.total = cfg.epochs * data.steps_per_epoch

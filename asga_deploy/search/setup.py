@@ -74,7 +74,8 @@ def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, Budget
     check_bits(cfg.act_bits, "activation")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise AsgaError(f"epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be at least 1")
-    for name in ("lr", "alpha_lr", "gamma", "epsilon", "rho_min", "k_p", "eta", "lam_max", "band", "tau_start",
+    for name in ("lr", "alpha_lr", "gamma", "epsilon", "rho_min", "k_p", "eta", "lam_max", "lam_floor", "band",
+                 "tau_start",
                  "tau_end"):
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v >= 0) or (name in ("tau_start", "tau_end", "epsilon") and v == 0):
