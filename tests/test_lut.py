@@ -173,6 +173,18 @@ def test_the_file_round_trips_and_feeds_a_cost_table(tiny_table):
         load_lut(tiny_table.path, expect={"batch": 64})
 
 
+def test_a_table_written_before_the_requantized_island_entry_predicts_the_same(tiny_table, tmp_path):
+    """Format-2 tables measured before `float_island_step_requant` existed (the latency front's batch-32 table)
+    raised KeyError for a float layer whose successors all requantize; loading derives it by the same formula."""
+    d = json.loads(Path(tiny_table.path).read_text())
+    for k in d["kernels"].values():
+        del k["float_island_step_requant"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(d))
+    policy = _policy({"conv1": (7, 8), "conv2": None, "conv3": (4, 4), "fc": (4, 4)})  # float before requant
+    assert predict_latency(load_lut(old), policy) == pytest.approx(predict_latency(tiny_table, policy))
+
+
 def test_a_broken_file_is_a_one_line_lut_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "asga-lut/1", "key": {}, "layers": {"a": {"float": "x"}}}))

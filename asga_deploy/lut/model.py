@@ -84,6 +84,11 @@ def float_step(layer: str, entry: Mapping[str, float], kernels: Mapping[str, str
     return island - entry["float_side_saving"] * saved
 
 
+def island_step_requant(k: Mapping[str, float], kappa: float) -> float:
+    """Return a float layer's island step where every layer after it requantizes (measured in the 4-bit model)."""
+    return k["float_island_step"] + kappa * (k["transition_alone_requant"] - k["transition_alone"])
+
+
 def predict(entries: Mapping[str, Mapping[str, float]], rest_ms: float, edges: list[dict],
             kernels: Mapping[str, str], successors: Mapping[str, list[str]] | None = None) -> float:
     """Return the latency (ms) of {layer: kernel}: rest + each layer's entry.
@@ -173,8 +178,7 @@ def combine(times: dict[str, dict], info: dict) -> dict:
         sides = sum(bool(nb) for nb in (before.get(n), info["successors"].get(n)))
         k["float_island_step"] = k["float_int8_anchored"] - k["int8"]
         k["float_side_saving"] = (k["float_island_step"] - k["float_anchored_step"]) / (2 * sides) if sides else 0.0
-        k["float_island_step_requant"] = k["float_island_step"] + kappa * (k["transition_alone_requant"]
-                                                                           - k["transition_alone"])
+        k["float_island_step_requant"] = island_step_requant(k, kappa)
     lut = {n: {c: kernels[n][kernel_of(c, info["act_max"][n])] for c in info["choices"][n]} for n in names}
     checks = {}
     for label, policy in (("every layer float", dict.fromkeys(names, "float")),
