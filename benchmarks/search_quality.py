@@ -98,6 +98,8 @@ def main(argv=None) -> int:
                     help="JSON SearchConfig overrides applied to every search (the tuned controller settings)")
     ap.add_argument("--float-epochs", type=int, default=4)
     ap.add_argument("--sweep", action="store_true", help="also asga's gamma / epsilon sweep")
+    ap.add_argument("--shard", default=None, help="K/N: run only every N-th search from the K-th (0-based), nothing "
+                    "else: N single-thread processes fill the cache in parallel; then run without --shard")
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--finetune-seeds", type=int, default=3)
     ap.add_argument("--finetune-images", type=int, default=0)
@@ -135,9 +137,14 @@ def main(argv=None) -> int:
                                      args.finetune_images or None, args.kd, tag)["top1"])
         return accs
 
+    shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
+    count = itertools.count()
+
     def run_searches(label: str, objective: str, overrides: dict) -> list[dict]:
         runs = []
         for seed in range(args.seeds):
+            if shard and next(count) % shard[1] != shard[0]:
+                continue
             if args.report_only:
                 metas = sorted((base / "policies").glob(f"{args.model}-{label}-*-s{seed}.meta.json"))
                 metas = [m for m in metas if json.loads(m.read_text())["tag"] == label]
@@ -149,6 +156,11 @@ def main(argv=None) -> int:
                                **(search_budget(budget, table) | args.search_overrides | overrides)))
         return runs
 
+    if shard:  # only this shard's searches
+        for label, (objective, overrides) in ({m: METHODS[m] for m in args.methods} | (
+                {f"asga-{k}{v:g}": ("asga", {k: v}) for k, v in SWEEP} if args.sweep else {})).items():
+            run_searches(label, objective, overrides)
+        return 0
     # 1. does the policy matter here?
     reference = {label: tune(p) for label, p in setting_policies(base, name, table, budget, kinds).items()}
     reference = {k: v for k, v in reference.items() if v}
