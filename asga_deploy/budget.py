@@ -6,9 +6,10 @@ its bound T and at least one limit is used to within the tolerance, (1 - tol) T 
 `Budget.window` is the one place that defines it. A latency limit is an upper bound only (its window
 starts at 0): being faster than asked is never a fault, and on backends where some cheap-looking choices
 are SLOWER (sub-8-bit activations on ONNX Runtime) a "use the budget" rule would buy slower, less
-accurate layers (measured, benchmarks/results/latency_front-b1-window-rule.md). A budget with a latency limit is
-therefore met by every policy under all of its bounds: the accuracy decides below them. One limit is solved by dynamic programming over the
-cost axis (a multiple-choice knapsack); several by an integer program (scipy.optimize.milp).
+accurate layers (measured: benchmarks/results/latency_front-b1-window-rule.md). A budget with a latency
+limit is therefore met by every policy under all of its bounds: the accuracy decides below them. One limit
+is solved by dynamic programming over the cost axis (a multiple-choice knapsack); several by an integer
+program (scipy.optimize.milp).
 """
 
 from __future__ import annotations
