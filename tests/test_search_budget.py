@@ -224,6 +224,33 @@ def test_a_latency_search_starts_under_its_limits_in_cost_space(tmp_path):
             assert res.policy.cost["weight_bytes_total"] <= size * 1e6
 
 
+def test_a_table_that_fails_its_own_float_check_is_refused_for_float_choices(tmp_path):
+    """The MobileNetV2 x0.5 table predicted its every-other-layer-float model at 0.52 of measured: a search that
+    may pick float layers is refused before any work, naming the check and the ways on."""
+    import json
+
+    from asga_deploy.cost import FLOAT, choice_key, layer_costs
+    from asga_deploy.models import create_model
+
+    costs = layer_costs(create_model("tinyresnet", 10, 1), (1, 12, 12))
+    lut = {n: {choice_key(w, a): c.macs * 1e-6 for w in range(2, 9) for a in range(2, 9)} for n, c in costs.items()}
+    for n, c in costs.items():
+        lut[n][choice_key(*FLOAT)] = c.macs * 2e-6
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps({"layers": lut, "rest_ms": 0.01, "rest_check": {
+        "every layer float": {"ratio": 0.97}, "every other layer float (module order)": {"ratio": 0.52}}}))
+    cfg = SearchConfig(model="tinyresnet", dataset="synthetic", objective="erm", epochs=1,
+                       budget_latency="1.5xw8a8", lut=str(path), float_choice=True)
+    with pytest.raises(BudgetError, match=r"'every other layer float \(module order\)' model at 0.52 of measured.*"
+                                          r"without --float-choice.*--allow-diagnostics"):
+        run_search(cfg, search_data(4, 8), tmp_path / "p", tmp_path / "r")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r").exists()
+    from asga_deploy.search.setup import read_lut
+
+    assert read_lut(str(path), costs)[0] == lut  # no float choices: the check does not apply
+    assert read_lut(str(path), costs, float_choice=True, allow=True)[0] == lut  # --allow-diagnostics
+
+
 def test_a_latency_table_of_another_target_or_other_choices_is_named_before_work(tmp_path):
     """A table measured for `ort` (7-bit weights at most) used by a `sim` search, or missing a candidate's entry:
     one BudgetError naming the target or the layer and choice, not a KeyError in the middle of the search."""

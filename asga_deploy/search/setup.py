@@ -35,9 +35,14 @@ def build_model(cfg: SearchConfig, data: SearchData) -> tuple[torch.nn.Module, d
                    "checkpoint_provenance": ckpt.get("provenance", {})}
 
 
-def read_lut(path: str, costs: dict, target: str | None = None) -> tuple[dict, float]:
+LUT_CHECK_TOLERANCE = 0.15  # a table whose own float checks miss by more cannot price float choices
+
+
+def read_lut(path: str, costs: dict, target: str | None = None, float_choice: bool = False,
+             allow: bool = False) -> tuple[dict, float]:
     """Return (per-layer latency table, rest of the graph in ms) of an `asga lut` file, checked against the model
-    (and the target it must have been measured for, when given)."""
+    (and the target it must have been measured for, when given). With float choices, refuse (unless `allow`) a
+    table whose own checks (whole models with float layers it was not summed from) miss by more than 15%."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
         lut, rest = d["layers"], float(d["rest_ms"])
@@ -52,6 +57,14 @@ def read_lut(path: str, costs: dict, target: str | None = None) -> tuple[dict, f
     if missing:
         raise BudgetError(f"--lut {path} has no latency for layers {', '.join(missing[:4])}: it was measured for "
                           "another model; measure this one with `asga lut`")
+    checks = d.get("rest_check") if isinstance(d.get("rest_check"), dict) else {}
+    off = {k: float(v["ratio"]) for k, v in checks.items()
+           if isinstance(v, dict) and abs(float(v.get("ratio", 1.0)) - 1.0) > LUT_CHECK_TOLERANCE}
+    if float_choice and off and not allow:
+        k, r = max(off.items(), key=lambda kv: abs(kv[1] - 1.0))
+        raise BudgetError(f"--lut {path}: its own check predicts the '{k}' model at {r:.2f} of measured (more than "
+                          f"{LUT_CHECK_TOLERANCE:.0%} off): latency budgets with --float-choice would not hold; search "
+                          "without --float-choice, or pass --allow-diagnostics to use the table anyway")
     return lut, rest
 
 
@@ -94,7 +107,8 @@ def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, Budget
     costs = {n: type(c)(c.name, c.kind, c.macs, c.params, signs[n].input_signed)
              for n, c in layer_costs(model, (data.in_chans, size, size)).items()}
     edges = [] if cfg.search_edges else edge_layers(model)
-    lut, rest_ms = read_lut(cfg.lut, costs, cfg.target) if cfg.lut else (None, 0.0)
+    lut, rest_ms = read_lut(cfg.lut, costs, cfg.target, cfg.float_choice, cfg.allow_diagnostics) if cfg.lut \
+        else (None, 0.0)
     if budget is not None and "latency" in budget.metrics and lut is None:
         raise BudgetError("--budget-latency needs --lut TABLE: measure it with `asga lut MODEL --target "
                           f"{cfg.target} --batch-size B`")
