@@ -50,11 +50,11 @@ class Limit:
         """Return T in the metric's integer unit, for what the limit covers (the whole model or the counted layers)."""
         if not self.relative:
             return self.value * _UNITS[self.metric]
-        if self.whole:
-            ref = table.constant(self.metric) + sum(table.unit_cost(self.metric, n, *_OF[self.of])
-                                                    for n in table.counted)
-            return self.value * ref
-        return self.value * table.reference(self.metric)
+        return self.value * (self.whole_reference(table) if self.whole else table.reference(self.metric))
+
+    def whole_reference(self, table: CostTable) -> float:
+        """Return the whole model's cost at `of` (W8A8 or float), the fixed layers and rest included."""
+        return table.constant(self.metric) + sum(table.unit_cost(self.metric, n, *_OF[self.of]) for n in table.counted)
 
     def bound(self, table: CostTable) -> int:
         """Return the upper bound on the counted layers' cost, in the metric's integer unit."""
@@ -71,9 +71,9 @@ class Limit:
         if not self.whole:
             return f"{counted / table.reference(self.metric):.4g} of W8A8"
         whole = counted + table.constant(self.metric)
-        ref = self.target(table) / self.value if self.relative else None
         unit = "ms" if self.metric == "latency" else "MB"
-        return f"{whole / _UNITS[self.metric]:.4g} {unit}" + (f" ({whole / ref:.3g}x{self.of})" if ref else "")
+        return f"{whole / _UNITS[self.metric]:.4g} {unit}" + (
+            f" ({whole / self.whole_reference(table):.3g}x{self.of})" if self.relative else "")
 
     def tag(self) -> str:
         """Return the short name used in artifact names (r12.5 = 12.5% of W8A8 BitOPs)."""

@@ -40,8 +40,13 @@ def lut_path(root: Path, batch: int) -> Path:
     return root / f"lut-b{batch}.json"
 
 
+def run_name(args) -> str:
+    """Return the front's name per batch size (runs without the tie-breaking floor kept apart)."""
+    return f"b{args.batch}{'' if args.lam_floor else '-floor0'}"
+
+
 def front_path(root: Path, args) -> Path:
-    return root / f"front-b{args.batch}{'' if args.lam_floor else '-floor0'}.json"
+    return root / f"front-{run_name(args)}.json"
 
 
 def build_lut(root: Path, args) -> Path:
@@ -288,7 +293,7 @@ def report(root: Path, args, command: str) -> None:
                      "float_layers": v.get("float_layers", []), "allow_diagnostics": v.get("allow_diagnostics"),
                      "torch_top1": v.get("torch_top1"), "parity_agreement": v.get("parity_agreement")})
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "stage"}
-    name = f"latency_front-b{args.batch}{'' if args.lam_floor else '-floor0'}"
+    name = f"latency_front-{run_name(args)}"
     write_result(name, command, settings, {"rows": rows, "timing": t, "fallback": state["fallback"]})
 
     def num(x, fmt):

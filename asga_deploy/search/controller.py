@@ -84,7 +84,7 @@ def cost_shape(net: Supernet, metric: str) -> dict[str, tuple[torch.Tensor, torc
     with torch.no_grad():
         for n, m in net.mixed_layers().items():
             if metric == "latency":
-                grid, fl = (v.double().cpu() for v in net._latency(n, m))
+                grid, fl = (v.double().cpu() for v in net.latency_grid(n, m))
             else:
                 grid = torch.tensor([[float(net.table.unit_cost(metric, n, w, a)) for a in m.a_bits]
                                      for w in m.w_bits], dtype=torch.float64)

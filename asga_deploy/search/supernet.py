@@ -130,7 +130,7 @@ class Supernet(nn.Module):
         return {n: [(w, a) for w in m.w_bits for a in m.a_bits] + ([FLOAT] if m.float_choice else [])
                 for n, m in self.mixed_layers().items()}
 
-    def _latency(self, n: str, m) -> tuple[torch.Tensor, torch.Tensor]:
+    def latency_grid(self, n: str, m) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the layer's latency matrix over (w, a) candidates and its float latency, in ns (cached)."""
         if n not in self._lat:
             t = self.table
@@ -148,7 +148,7 @@ class Supernet(nn.Module):
         total = 0.0
         for n, m in self.mixed_layers().items():
             if metric == "latency":
-                grid, fl = self._latency(n, m)
+                grid, fl = self.latency_grid(n, m)
                 pw, pa = m.probs()
                 q = pw @ grid @ pa
             else:
