@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 ASGA := $(VENV)/bin/asga
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install data lint clean
+.PHONY: demo test test-avx2 install data lint clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: install data
 
 test: install
 	$(VENV)/bin/pytest
+
+# the export tests on an emulated AVX2 CPU without VNNI (QEMU user mode; installs qemu-user, needs root)
+test-avx2: install
+	.ci/test-avx2
 
 lint: install
 	$(VENV)/bin/ruff check asga_deploy tests benchmarks

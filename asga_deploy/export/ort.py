@@ -29,24 +29,102 @@ class ParityConfig:
     max_output_steps: float = 1.0  # ORT vs the integer reference: largest logit difference in logit steps
 
 
-def cpu_isa() -> dict:
-    """Return the x86 features that decide ONNX Runtime's integer kernels: VNNI (exact U8S8) or not (pairs saturate)."""
-    flags: set[str] = set()
+def _cpuid_features() -> dict[str, bool] | None:
+    """The x86 features the CPU reports through CPUID, as numpy's runtime dispatch read them (None where numpy
+    does not expose them). CPUID is what ONNX Runtime's MLAS reads too; /proc/cpuinfo can describe another CPU
+    (under an emulator it shows the host's)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as feats
+        except ImportError:
+            return None
+    return dict(feats) if "AVX512VNNI" in feats else None
+
+
+def _cpuinfo_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+# x86-64 System V: void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4]) -> out = eax, ebx, ecx, edx
+_CPUID_CODE = bytes([
+    0x53,                    # push rbx (callee-saved, cpuid writes it)
+    0x49, 0x89, 0xD0,        # mov r8, rdx (out; cpuid writes edx)
+    0x89, 0xF8,              # mov eax, edi (leaf)
+    0x89, 0xF1,              # mov ecx, esi (subleaf)
+    0x0F, 0xA2,              # cpuid
+    0x41, 0x89, 0x00,        # mov [r8], eax
+    0x41, 0x89, 0x58, 0x04,  # mov [r8+4], ebx
+    0x41, 0x89, 0x48, 0x08,  # mov [r8+8], ecx
+    0x41, 0x89, 0x50, 0x0C,  # mov [r8+12], edx
+    0x5B,                    # pop rbx
+    0xC3,                    # ret
+])
+
+
+def _cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int] | None:
+    """Execute CPUID (x86-64 Linux; None where the code page cannot be mapped executable or on other machines)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or os.name != "posix":
+        return None
+    try:
+        import ctypes
+        import mmap
+
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        page.write(_CPUID_CODE)
+        out = (ctypes.c_uint32 * 4)()
+        buf = ctypes.c_char.from_buffer(page)
+        fn = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32 * 4))(
+            ctypes.addressof(buf))
+        max_leaf = (ctypes.c_uint32 * 4)()
+        fn(0, 0, ctypes.byref(max_leaf))
+        if leaf > max_leaf[0]:
+            result = (0, 0, 0, 0)
+        else:
+            fn(leaf, subleaf, ctypes.byref(out))
+            result = tuple(out)
+        del buf, fn
+        return result
+    finally:
+        try:
+            page.close()
+        except BufferError:  # a ctypes view still alive: the page stays mapped, harmless
+            pass
+
+
+def cpu_isa() -> dict:
+    """Return the x86 features that decide ONNX Runtime's integer kernels: VNNI (exact U8S8) or not (pairs saturate).
+
+    Read from CPUID (numpy's runtime detection) where available, else from /proc/cpuinfo; AVX-VNNI (the 256-bit
+    form) is not in numpy's table: CPUID leaf 7.1 is read directly (/proc/cpuinfo where that fails)."""
+    flags = _cpuinfo_flags()
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-    # MLAS uses AVX512-VNNI only with AVX512 BW/DQ/VL, and AVX-VNNI with AVX2
-    avx512_vnni = "avx512_vnni" in flags and {"avx512bw", "avx512dq", "avx512vl"} <= flags
-    vnni = avx512_vnni or "avx_vnni" in flags
-    kind = "VNNI" if vnni else ("AVX2, no VNNI" if "avx2" in flags else ("x86, no AVX2" if x86 else platform.machine()))
-    return {"kind": kind, "x86": x86, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "avx512_vnni": avx512_vnni, "avx_vnni": "avx_vnni" in flags, "vnni": vnni,
-            "u8s8_pairs_saturate": x86 and not vnni}
+    feats = _cpuid_features() if x86 else None
+    if feats is not None:
+        source = "cpuid"
+        avx2, avx512f = feats["AVX2"], feats["AVX512F"]
+        # MLAS uses AVX512-VNNI only with AVX512 BW/DQ/VL, and AVX-VNNI with AVX2
+        avx512_vnni = all(feats[k] for k in ("AVX512VNNI", "AVX512BW", "AVX512DQ", "AVX512VL"))
+    else:
+        source = "/proc/cpuinfo"
+        avx2, avx512f = "avx2" in flags, "avx512f" in flags
+        avx512_vnni = "avx512_vnni" in flags and {"avx512bw", "avx512dq", "avx512vl"} <= flags
+    regs = _cpuid(7, 1) if feats is not None else None  # leaf 7.1 EAX bit 4: AVX-VNNI (not in numpy's table)
+    avx_vnni = avx2 and (bool(regs[0] >> 4 & 1) if regs is not None else "avx_vnni" in flags)
+    vnni = avx512_vnni or avx_vnni
+    kind = "VNNI" if vnni else ("AVX2, no VNNI" if avx2 else ("x86, no AVX2" if x86 else platform.machine()))
+    return {"kind": kind, "x86": x86, "avx2": avx2, "avx512f": avx512f, "avx512_vnni": avx512_vnni,
+            "avx_vnni": avx_vnni, "vnni": vnni, "u8s8_pairs_saturate": x86 and not vnni, "source": source}
 
 
 def recorded_session_config(sess) -> dict[str, str]:
