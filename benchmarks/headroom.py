@@ -180,20 +180,22 @@ def main(argv=None) -> int:
         base = Path(s["base"])
         for epochs in args.finetune_epochs:
             tag = f"e{epochs}{'-kd' if args.kd else ''}{'-n' + str(args.finetune_images) if args.finetune_images else ''}"
-            acc: dict[str, list[float]] = {}
+            acc: dict[str, dict[int, float]] = {}  # policy -> seed -> top-1
             for label, p in s["policies"].items():
                 for seed in range(args.finetune_seeds):
                     run = base / "finetune" / f"{Path(p).stem}-{tag}-ft{seed}" / "finetune.json"
                     if args.report_only or name not in chosen:
                         if run.exists():
-                            acc.setdefault(label, []).append(json.loads(run.read_text())["top1"])
+                            acc.setdefault(label, {})[seed] = json.loads(run.read_text())["top1"]
                         continue
                     rep = finetune(base, Path(p), dataset, seed, epochs, base / "float" / "float.pt",
                                    args.finetune_images or None, args.kd, tag)
-                    acc.setdefault(label, []).append(rep["top1"])
-            full = {k: v for k, v in acc.items() if len(v) == args.finetune_seeds}
-            if len(full) == len(s["policies"]):
-                s["finetune"][tag] = summarise(full, s["predicted"])
+                    acc.setdefault(label, {})[seed] = rep["top1"]
+            # paired by seed: the seeds every policy of the setting has (settings may have different numbers)
+            common = sorted(set.intersection(*(set(v) for v in acc.values()))) if acc else []
+            if len(acc) == len(s["policies"]) and len(common) >= 2:
+                s["finetune"][tag] = summarise({k: [v[sd] for sd in common] for k, v in acc.items()}, s["predicted"])
+                s["finetune"][tag]["seed_ids"] = common
     write_result("headroom", "python benchmarks/headroom.py " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if v not in (None, False, [])), vars(args) | {
@@ -227,7 +229,8 @@ def write_markdown(settings: dict) -> None:
              "| setting | float | fine-tune | oracle best | oracle worst | best uniform | random (mean) | "
              "best - worst | best - best uniform | oracle Spearman |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in settings.items():
-        rows = [("none (PTQ)", s["ptq_top1"], None)] + [(tag, f["mean_top1"], f) for tag, f in s["finetune"].items()]
+        rows = [("none (PTQ)", s["ptq_top1"], None)] + [(f"{tag}, {f['seeds']} seeds", f["mean_top1"], f)
+                                                        for tag, f in s["finetune"].items()]
         for tag, acc, f in rows:
             uni = {k: v for k, v in acc.items() if k.startswith("uniform")}
             bu = max(uni, key=uni.get) if uni else None
