@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .io import atomic_torch_save, provenance
+from .io import atomic_torch_save, not_a_file, provenance
 from .models import create_model
 from .policy import Policy
 from .quant import apply_policy
@@ -85,9 +85,10 @@ def load_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None,
     (resuming passes it; so does a user who asks for it explicitly).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
-                              else f"checkpoint {path} is a folder, not a file; give the path of its .pt file")
+    problem = not_a_file(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} {problem}" + ("" if not path.exists() else
+                                                                "; give the path of its .pt file"))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, globals outside the safe list
@@ -144,8 +145,9 @@ def load_state(model: nn.Module, state: dict, source: str, name: str = "") -> nn
 def load_weights(model: nn.Module, path: str | Path, name: str = "") -> nn.Module:
     """Load a plain state-dict file or an asga checkpoint's weights into model; clear errors on mismatch."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
+    problem = not_a_file(path)
+    if problem:
+        raise CheckpointError(f"weights file {path} {problem}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -14,6 +14,7 @@ from .checkpoint import incomplete_note, load_model
 from .dist import DistInfo, all_reduce_sum, init_distributed, shutdown
 from .errors import CheckpointError, DatasetError, require
 from .export.ort import evaluate_onnx
+from .io import not_a_file
 from .progress import Callback, ProgressEvent, emit
 
 
@@ -119,8 +120,9 @@ def onnx_io(path: Path) -> tuple[list, list]:
 
 
 def _evaluate_onnx(path: Path, dataset, data_dir, limit, batch_size, workers) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"ONNX file {path} does not exist")
+    problem = not_a_file(path)
+    if problem:
+        raise CheckpointError(f"ONNX file {path} {problem}")
     if not dataset:
         raise DatasetError(f"pass --dataset to evaluate {path}")
     spec = data.dataset_spec(dataset, data_dir)

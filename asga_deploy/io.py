@@ -19,6 +19,18 @@ from . import __version__
 from .errors import OptionError, OutputError, OutputExistsError
 
 
+def not_a_file(path: str | Path) -> str | None:
+    """Return why path is not a readable regular file ("does not exist", "is a folder, not a file", ...), or None."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a folder, not a file"
+    return "is not a regular file (a device, pipe or socket)"
+
+
 def check_output_dir(folder: str | Path) -> Path:
     """Return folder; raise OutputError when it, or the folder it would be created in, cannot be written.
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .cost import FLOAT, CostTable, LayerCost, layer_costs
 from .errors import PolicyError
-from .io import atomic_write_json, check_writable, provenance
+from .io import atomic_write_json, check_writable, not_a_file, provenance
 from .models import create_model, edge_layers, model_info, quantizable_layers
 from .targets import BITS_RANGE, TARGETS, get_target
 
@@ -130,9 +130,10 @@ class Policy:
     def load(cls, path: str | Path) -> Policy:
         """Read a policy file; raise PolicyError if it is missing, not JSON or malformed."""
         path = Path(path)
-        if not path.is_file():
-            raise PolicyError(f"policy file {path} does not exist" if not path.exists() else
-                              f"{path} is a folder, not a policy file; give the path of a policies/*.json file")
+        problem = not_a_file(path)
+        if problem:
+            raise PolicyError(f"policy file {path} {problem}" + ("" if not path.exists() else
+                                                                 "; give the path of a policies/*.json file"))
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AsgaError, require
-from ..io import atomic_write_json, check_writable, machine_info, provenance, versions
+from ..io import atomic_write_json, check_writable, machine_info, not_a_file, provenance, versions
 from .kernels import integer_kernels
 from .ort import cpu_isa, default_threads, recorded_session_config, session
 from .timing import input_shape, percentiles, time_session
@@ -59,8 +59,9 @@ def onnx_metadata(path: str | Path) -> dict:
 def run_profile(model: str | Path, cfg: ProfileConfig, out: str | Path | None = None, force: bool = False) -> dict:
     """Profile an .onnx (ONNX Runtime) or .engine (TensorRT) file; write latency.json beside it; return it."""
     model = Path(model)
-    if not model.is_file():
-        raise AsgaError(f"{model} does not exist")
+    problem = not_a_file(model)
+    if problem:
+        raise AsgaError(f"{model} {problem}")
     out = Path(out) if out is not None else model.parent / "latency.json"
     check_writable(out, force)
     if model.suffix == ".onnx":
