@@ -251,7 +251,7 @@ def compute(root: Path, args) -> dict:
 def time_all(root: Path, args) -> dict:
     """Time every point's ONNX model in one alternating run (one shared thread pool, lut.measure)."""
     from asga_deploy.export.ort import file_session_config
-    from asga_deploy.lut.measure import TimingConfig, Unit, median_times
+    from asga_deploy.lut.measure import TimingConfig, Unit, cpu_clock, median_times, others_share
 
     state = json.loads(front_path(root, args).read_text())
     load = wait_for_quiet(args.max_load, args.patience, 30)
@@ -263,9 +263,10 @@ def time_all(root: Path, args) -> dict:
         entries.update(file_session_config(Path(v["onnx"])))
     cfg = TimingConfig(rounds=args.rounds, target_ms=20.0, max_runs=20, threads=args.threads,
                        session_config=tuple(sorted(entries.items())))
-    t0 = time.time()
+    t0, clock = time.time(), cpu_clock()
     times = median_times(units, args.batch, cfg)
     state["timing"] = {"batch": args.batch, "threads": args.threads, "rounds": args.rounds, "load_1min": load,
+                       "others_cpu_share": others_share(clock),
                        "wall_s": time.time() - t0, "thread_pool": "one shared pool",
                        "median_ms": {k: v["median_ms"] for k, v in times.items()},
                        "p10_ms": {k: v["p10_ms"] for k, v in times.items()},

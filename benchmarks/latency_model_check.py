@@ -38,7 +38,7 @@ from asga_deploy.export.kernels import integer_kernels  # noqa: E402
 from asga_deploy.export.ort import cpu_isa, default_threads  # noqa: E402
 from asga_deploy.io import atomic_write_json, atomic_write_text, git_commit, machine_info, versions  # noqa: E402
 from asga_deploy.lut import LutConfig, predict_latency, run_lut  # noqa: E402
-from asga_deploy.lut.measure import TimingConfig, median_times  # noqa: E402
+from asga_deploy.lut.measure import TimingConfig, cpu_clock, median_times, others_share  # noqa: E402
 from asga_deploy.lut.units import Unit, float_model, lowered, make_policy  # noqa: E402
 from asga_deploy.models import create_model, edge_layers  # noqa: E402
 from asga_deploy.policy import costs_at  # noqa: E402
@@ -115,8 +115,10 @@ def check(model: str, chans: int, size: int, classes: int, batch: int, args) -> 
     units["fp32_model"] = Unit("fp32_model", float_model(model, shape, classes).SerializeToString(), shape, "float32")
     load1 = wait_for_quiet(args.max_load, args.patience)
     log(f"{tag}: timing {len(units)} whole models, {args.rounds} rounds (load {load1:.2f})")
+    clock = cpu_clock()
     times = median_times(units, batch, TimingConfig(rounds=args.rounds, target_ms=args.target_ms,
                                                     threads=args.threads or default_threads()))
+    others = others_share(clock)
     rows = {}
     for label, t in times.items():
         row = {"measured_ms": t["median_ms"], "p10_ms": t["p10_ms"], "p90_ms": t["p90_ms"], "runs": t["runs"]}
@@ -129,6 +131,7 @@ def check(model: str, chans: int, size: int, classes: int, batch: int, args) -> 
             "lut": table.path, "lut_s": lut_s, "rest_ms": table.rest_ms, "lut_rest_check": table.data["rest_check"],
             "lut_reference_ms": table.reference_ms, "load_1min": {"before_lut": load0, "before_check": load1,
                                                                    "after": os.getloadavg()[0]},
+            "others_cpu_share": {"lut": table.data.get("timing", {}).get("others_cpu_share"), "check": others},
             "lut_timing_load": table.data.get("timing", {}), "policies": rows, "worst_abs_error": worst,
             "within_tolerance": worst <= TOLERANCE}
 
@@ -143,8 +146,11 @@ def markdown(report: dict) -> str:
              "median of alternating runs. Written by "
              "`benchmarks/latency_model_check.py`.", ""]
     for key, r in report["results"].items():
+        share = r.get("others_cpu_share") or {}
+        shown = ", ".join(f"{k} {100 * v:.0f}%" for k, v in share.items() if v is not None)
         lines += [f"## {key} (table: {r['lut_s']:.0f} s, rest {r['rest_ms']:.3f} ms; load "
-                  f"{r['load_1min']['before_lut']:.2f} / {r['load_1min']['before_check']:.2f})", "",
+                  f"{r['load_1min']['before_lut']:.2f} / {r['load_1min']['before_check']:.2f}"
+                  + (f"; other processes' CPU share: {shown}" if shown else "") + ")", "",
                   "| policy | predicted ms | measured ms | predicted / measured | kernels |", "|---|---|---|---|---|"]
         for label, p in r["policies"].items():
             if "ratio" in p:

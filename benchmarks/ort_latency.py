@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import resource
 import sys
 import tempfile
 import time
@@ -42,7 +40,7 @@ from asga_deploy.export.ort import cpu_isa, file_session_config, session  # noqa
 from asga_deploy.export.reference import integer_reference  # noqa: E402
 from asga_deploy.export.units import find_units  # noqa: E402
 from asga_deploy.io import atomic_write_json, git_commit, machine_info, versions  # noqa: E402
-from asga_deploy.lut.measure import TimingConfig, median_times  # noqa: E402
+from asga_deploy.lut.measure import TimingConfig, cpu_clock, median_times, others_share  # noqa: E402
 from asga_deploy.lut.units import Unit  # noqa: E402
 from asga_deploy.models import create_model  # noqa: E402
 from asga_deploy.policy import LayerBits, Policy, uniform_policy  # noqa: E402
@@ -181,21 +179,6 @@ def kernels(path: Path) -> dict:
             "not_integer": k["not_integer"], "optimized_ops": ops}
 
 
-def _busy_s() -> tuple[float, float]:
-    """Return (CPU seconds every process has used, this process's and its finished children's CPU seconds: the
-    timing child's included) so far."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
-
-
-def others_share(start: tuple[float, float, float]) -> float:
-    """Return the fraction of the machine's CPU time other processes used since `start` (wall, busy, self)."""
-    wall, busy, own = time.perf_counter(), *_busy_s()
-    return max(0.0, (busy - start[1]) - (own - start[2])) / ((wall - start[0]) * os.cpu_count())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=400)
@@ -232,7 +215,7 @@ def main() -> None:
             for attempt in range(args.attempts):  # other jobs may start meanwhile: time again if they took CPU
                 loads[key] = wait_for_quiet(args.max_load, args.patience, 30)
                 log(f"{key}: timing {args.rounds} rounds x {args.runs} runs, alternating (load {loads[key]:.2f})")
-                start = (time.perf_counter(), *_busy_s())
+                start = cpu_clock()
                 timing = time_alternating(paths, x, args.threads, args.rounds, args.runs, not args.per_session_pools)
                 loads[key + "_others_cpu_share"] = others_share(start)
                 if loads[key + "_others_cpu_share"] <= args.max_others:

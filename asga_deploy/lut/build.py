@@ -226,6 +226,7 @@ def measure_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], tim
     emit(callback, ProgressEvent("info", "lut", message=f"timing {len(units)} units and {len(variants)} whole models"
                                  f" with float islands, {timing.rounds} rounds"))
     load = os.getloadavg()[0]
+    clock = measure.cpu_clock()
     times = measure.median_times(units, cfg.batch_size, timing, callback, info["sequences"])
     keys = list(variants)
     for i in range(0, len(keys), VARIANTS_PER_JOB):  # a few whole models per process: each holds its own arena
@@ -236,7 +237,13 @@ def measure_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], tim
         base = {"island": "int8", "islandR": "requant", "islandF": "float_layers"}
         times.update({k: {**v, "delta_ms": paired_delta(v, refs[f"whole|{base[k.split('|', 1)[0]]}"])}
                       for k, v in t.items()})
+    others = measure.others_share(clock)
+    if others > measure.OTHERS_MAX:  # a loaded machine inflates small units more than whole models
+        emit(callback, ProgressEvent("info", "lut", message=f"warning: other processes took {100 * others:.0f}% of the "
+                                     "CPU while timing: the table's times are inflated and its checks may fail; "
+                                     "measure it again on a quiet machine (--force)"))
     body = combine(times, info)
     return {**body, "layer_info": info["layers"], "units": times, "unit_transposes": info["transposes"],
-            "timing": {**asdict(timing), "load_before": load, "load_after": os.getloadavg()[0]},
+            "timing": {**asdict(timing), "load_before": load, "load_after": os.getloadavg()[0],
+                       "others_cpu_share": others},
             "unit_inputs": {k: [u.input_dtype, list(u.input_shape)] for k, u in units.items()}}

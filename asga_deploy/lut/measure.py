@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +43,29 @@ class TimingConfig:
 
 class MeasureError(AsgaError):
     """The timing process could not time the graphs."""
+
+
+OTHERS_MAX = 0.1  # share of the machine's CPU other processes may take while timing before a table is flagged
+
+
+def cpu_clock() -> tuple[float, float, float]:
+    """Return (wall s, CPU s every process has used, CPU s of this process and its finished children) now; two
+    readings give the share of the CPU other processes took between them (others_share)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")  # no /proc/stat: the share is unknown
+    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), busy, r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+def others_share(start: tuple[float, float, float]) -> float:
+    """Return the share (0..1) of the machine's CPU time that other processes used since cpu_clock() gave start
+    (nan where /proc/stat is missing)."""
+    wall, busy, own = cpu_clock()
+    return max(0.0, (busy - start[1]) - (own - start[2])) / max((wall - start[0]) * (os.cpu_count() or 1), 1e-9)
 
 
 def feed(unit: Unit, batch: int, seed: int = 0) -> np.ndarray:
