@@ -34,6 +34,7 @@ from asga_deploy.policy import Policy, uniform_policy
 from asga_deploy.search.config import SearchDiagnosticError
 
 PROXY = 1000
+DEFAULT_MODEL = "resnet20-w0.5"
 
 
 def lut_path(root: Path, batch: int) -> Path:
@@ -294,7 +295,8 @@ def report(root: Path, args, command: str) -> None:
                      "float_layers": v.get("float_layers", []), "allow_diagnostics": v.get("allow_diagnostics"),
                      "torch_top1": v.get("torch_top1"), "parity_agreement": v.get("parity_agreement")})
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "stage"}
-    name = f"latency_front-{run_name(args)}"
+    model = "" if args.model == DEFAULT_MODEL else f"{args.model}-"  # the ResNet-20 fronts keep their names
+    name = f"latency_front-{model}{run_name(args)}"
     write_result(name, command, settings, {"rows": rows, "timing": t, "fallback": state["fallback"]})
 
     def num(x, fmt):
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=("lut", "compute", "time", "report", "all"), default="all")
     ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--model", default="resnet20-w0.5")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--in-chans", type=int, default=1)
     ap.add_argument("--num-classes", type=int, default=10)

@@ -67,6 +67,8 @@ def fake_median_times(units, batch, cfg, callback=None, sequences=None):
             ms = world(set(LAYERS) - set(layers))
         elif k in ALTERNATING:
             ms = world(ALTERNATING[k])
+        elif kind == "random":
+            ms = world(set(layers))
         else:
             ms = {"whole|int8": world(set()), "whole|requant": world(set(), True)}.get(k, WHOLE_FLOAT)
         out[k] = {"median_ms": ms, "p10_ms": ms, "p90_ms": ms, "runs": 1}
@@ -139,8 +141,16 @@ def test_float_pairs_get_an_edge_and_the_check_is_recorded(tiny_table):
     for e in edges:  # a float pair shares the side between them: 2 x SIDE less than two islands
         assert e["ms"] == pytest.approx(-2 * SIDE)
     checks = tiny_table.data["rest_check"]
-    assert set(checks) == {"every layer float", "every other layer float (module order)"}
+    assert {"every layer float", "every other layer float (module order)"} <= set(checks)
     assert checks["every layer float"]["measured_ms"] == WHOLE_FLOAT
+    # independent checks: whole models with 25% / 50% of the layers float at seeded random places
+    randoms = {k: v for k, v in checks.items() if "at random" in k}
+    assert len(randoms) == 2 and all(v["independent"] for v in randoms.values())
+    for key in tiny_table.data["units"]:
+        if key.startswith("random|"):
+            assert set(key.split("|")[1:]) <= set(LAYERS)
+    for v in randoms.values():  # the side model is exact in this world of core + per-side costs
+        assert v["ratio"] == pytest.approx(1.0)
 
 
 def test_float_layers_cost_their_core_and_the_sides_that_face_quantized_neighbours(tiny_table):

@@ -187,6 +187,12 @@ def combine(times: dict[str, dict], info: dict) -> dict:
         pred = predict(kernels, rest, edges, policy, info["successors"])
         checks[label] = {"measured_ms": t[key], "predicted_ms": pred, "ratio": pred / t[key],
                          "independent": key == "whole|float_layers"}  # the alternating ones set the share
+    for key, share in (info.get("random_float") or {}).items():  # float at seeded random places: not fitted to
+        floats = set(key.split("|")[1:])
+        pred = predict(kernels, rest, edges, {n: "float" if n in floats else "int8" for n in names},
+                       info["successors"])
+        checks[f"{share:.0%} of layers float at random ({len(floats)})"] = {
+            "measured_ms": t[key], "predicted_ms": pred, "ratio": pred / t[key], "independent": True}
     return {"layers": lut, "kernels": kernels, "transition_share": kappa, "requant_layout_share": rho,
             "anchor_mix": w, "act_max": info["act_max"], "edges": edges,
             "successors": info["successors"],
