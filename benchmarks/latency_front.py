@@ -42,8 +42,24 @@ def lut_path(root: Path, batch: int) -> Path:
 
 
 def run_name(args) -> str:
-    """Return the front's name per batch size (runs without the tie-breaking floor kept apart)."""
-    return f"b{args.batch}{'' if args.lam_floor else '-floor0'}"
+    """Return the front's name per batch size (runs without the tie-breaking floor, or with island pricing, apart)."""
+    return f"b{args.batch}{'' if args.lam_floor else '-floor0'}{'-island' if args.float_pricing == 'island' else ''}"
+
+
+def search_lut(root: Path, args) -> Path:
+    """Return the table the searches price with: the measured one, or (--float-pricing island) a copy whose float
+    entries are the int8 entry + the layer's island step (what a float layer costs between quantized neighbours)
+    instead of the mix of island and float-anchored steps that makes the every-layer-float model come out right."""
+    path = lut_path(root, args.batch)
+    if args.float_pricing != "island":
+        return path
+    d = json.loads(path.read_text())
+    for n, row in d["layers"].items():
+        k = d["kernels"][n]
+        row["float"] = k["int8"] + k["float_island_step"]
+    out = path.with_name(f"{path.stem}-island.json")
+    atomic_write_json(out, d)
+    return out
 
 
 def front_path(root: Path, args) -> Path:
@@ -66,10 +82,10 @@ def build_lut(root: Path, args) -> Path:
 def search_runs(args) -> list[dict]:
     """Return the searches of the front: every latency budget, alone and with the size budget."""
     runs = []
-    for size in (None, args.size_mb):
+    for size in (None, args.size_mb) if args.size_mb else (None,):
         for b in args.budgets:
             tag = f"asga-b{args.batch}-lat{b:g}" + (f"-size{size:g}" if size else "") + (
-                f"-lf{args.lam_floor:g}" if args.lam_floor else "")
+                f"-lf{args.lam_floor:g}" if args.lam_floor else "") + ("-isl" if args.float_pricing == "island" else "")
             runs.append({"label": tag, "latency": f"{b:g}xw8a8", "size_mb": size})
     return runs
 
@@ -78,7 +94,7 @@ def run_search(root: Path, args, run: dict, float_ckpt: Path) -> dict:
     """Search one policy (cached); without --allow-diagnostics first, and say so per run when it was needed."""
     common = dict(root=root, model=args.model, dataset=args.dataset, objective="asga", seed=args.seed, budget=None,
                   subset=PROXY, epochs=args.search_epochs, float_ckpt=float_ckpt, tag=run["label"],
-                  budget_latency=run["latency"], lut=str(lut_path(root, args.batch)), float_choice=True,
+                  budget_latency=run["latency"], lut=str(search_lut(root, args)), float_choice=True,
                   budget_size_mb=run["size_mb"], search_edges=True, lam_floor=args.lam_floor)
     try:
         return search(**common)
@@ -361,7 +377,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.8, 0.9, 1.0], help="x the W8A8 model")
     ap.add_argument("--lam-floor", type=float, default=0.1, help="the searches' tie-breaking latency pressure")
-    ap.add_argument("--size-mb", type=float, default=0.04, help="the size budget searched with each latency budget")
+    ap.add_argument("--size-mb", type=float, default=0.04,
+                    help="the size budget searched with each latency budget (0: latency budgets alone)")
+    ap.add_argument("--float-pricing", choices=("mixed", "island"), default="mixed",
+                    help="the searches' float entries: the table's (mixed anchors) or int8 + island step")
     ap.add_argument("--uniform", type=lambda s: tuple(int(v) for v in s.split(",")), nargs="+",
                     default=[(8, 8), (4, 8)])
     ap.add_argument("--fallback", type=int, nargs="+", default=[0, 1, 2, 4, 8])
