@@ -271,3 +271,38 @@ def test_a_latency_table_of_another_target_or_other_choices_is_named_before_work
     with pytest.raises(BudgetError, match="no latency for .* w8a2"):
         run_search(cfg, search_data(12, 8), tmp_path / "p", tmp_path / "r")
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_a_latency_policy_the_side_model_prices_over_budget_fails_a_diagnostic(tmp_path, monkeypatch):
+    """The search prices float layers by additive entries; the table's side model (neighbours included) checks the
+    extracted policy: over its latency budget by more than 5% -> diagnostic latency_side_model_over_budget, named
+    with both prices (on MobileNetV2 the additive price was 0.44 of measured, the side model's 1.14)."""
+    import json
+    from types import SimpleNamespace
+
+    from asga_deploy.cost import FLOAT, choice_key, layer_costs
+    from asga_deploy.lut import table as lut_table
+    from asga_deploy.models import create_model
+    from asga_deploy.search.config import SearchDiagnosticError
+
+    costs = layer_costs(create_model("tinyresnet", 10, 1), (1, 12, 12))
+    lut = {n: {choice_key(w, a): c.macs * 1e-6 for w in range(2, 9) for a in range(2, 9)} for n, c in costs.items()}
+    for n in costs:
+        lut[n][choice_key(*FLOAT)] = 0.0  # float looks free to the search
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps({"layers": lut, "rest_ms": 0.01, "rest_check": {"every layer float": {"ratio": 1.0}}}))
+    full = SimpleNamespace(data={"kernels": {n: {"float_side_saving": 0.0} for n in costs}})
+    priced = []
+    monkeypatch.setattr(lut_table, "load_lut", lambda p, expect=None: full)
+    monkeypatch.setattr(lut_table, "predict_latency", lambda t, pol: priced.append(pol) or 1e3)
+    cfg = SearchConfig(model="tinyresnet", dataset="synthetic", objective="erm", epochs=1,
+                       budget_latency="0.5xw8a8", lut=str(path), float_choice=True, search_edges=True)
+    with pytest.raises(SearchDiagnosticError, match=r"latency_side_model_over_budget.*side model prices the policy "
+                                                    r"at 1000 ms.*additive price.*add a size budget"):
+        run_search(cfg, search_data(12, 8), tmp_path / "p", tmp_path / "r")
+    assert priced and priced[0].float_layers  # the check ran on the extracted policy, which has float layers
+    res = run_search(SearchConfig(**{**cfg.as_dict(), "allow_diagnostics": True}), search_data(12, 8),
+                     tmp_path / "p", tmp_path / "r", resume=True)
+    lat = res.metrics["latency"]
+    assert lat["side_model_ms"] == 1e3 and "latency_side_model_over_budget" in res.metrics["diagnostics_failed"]
+    assert lat["predicted_ms"] <= lat["budget_ms"]  # the search's own price met the budget
