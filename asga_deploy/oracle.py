@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 from .budget import Budget
 from .cost import CostTable
 from .errors import AsgaError
-from .io import atomic_write_json, check_name, check_writable, provenance
+from .io import atomic_write_json, check_name, check_writable, not_a_file, provenance
 from .naming import artifact_stem
 from .policy import Policy, policy_from_choice
 from .report.plots import plot_heatmaps
@@ -26,8 +26,9 @@ PICKS = ("best", "worst", "random")
 def load_table(path: str | Path) -> dict:
     """Read a sensitivity table written by `asga sensitivity`; raise AsgaError when it is not one."""
     path = Path(path)
-    if not path.is_file():
-        raise AsgaError(f"sensitivity table {path} does not exist (write one with `asga sensitivity`)")
+    problem = not_a_file(path)
+    if problem:
+        raise AsgaError(f"sensitivity table {path} {problem} (write one with `asga sensitivity`)")
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..cost import choice_key
 from ..errors import AsgaError, PolicyError
+from ..io import not_a_file
 from ..policy import Policy
 from . import model
 
@@ -97,8 +98,9 @@ def from_dict(d: dict, source: str = "<latency table>") -> LatencyTable:
 def load_lut(path: str | Path, expect: Mapping | None = None) -> LatencyTable:
     """Read a latency table; with `expect`, refuse one whose key differs in any given field (named)."""
     path = Path(path)
-    if not path.is_file():
-        raise LutError(f"latency table {path} does not exist; make it with `asga lut MODEL --batch-size B`")
+    problem = not_a_file(path)
+    if problem:
+        raise LutError(f"latency table {path} {problem}; make it with `asga lut MODEL --batch-size B`")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
