@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from .cost import FLOAT, CostTable
+from .cost import FLOAT, CostTable, choice_key
 from .errors import BudgetError
 from .targets import Target
 
@@ -213,7 +213,11 @@ class Budget:
                   for n in names] for lim in self.limits]
         vals = [np.asarray(values[n], dtype=np.float64) for n in names]
         windows = [self.window(lim, table) for lim in self.limits]
-        if len(self.limits) == 1:
+        pairs = self._pair_terms(table, options)
+        if pairs:  # neighbouring layers' choices priced together: the integer program with their products
+            picks = milp_solve(costs, vals, windows, pairs)
+            method = "milp"
+        elif len(self.limits) == 1:
             sol = mck_solve(costs[0], vals, *windows[0])
             method = "dp" if sol is None or sol[2] else "dp-coarse"
             picks = None if sol is None else sol[0]
@@ -221,13 +225,30 @@ class Budget:
             picks = milp_solve(costs, vals, windows)
             method = "milp"
         if picks is None:
-            raise BudgetError(self._infeasible(table, costs, windows))
+            raise BudgetError(self._infeasible(table, costs, windows, bool(pairs)))
         choice = {n: tuple(options[n][k]) for n, k in zip(names, picks, strict=True)}
         got = self.costs(table, choice)
         return choice, {"method": method, "exact": method != "dp-coarse",
                         "value": float(sum(v[k] for v, k in zip(vals, picks, strict=True))),
                         "cost_ratios": {lim.describe(): g / table.reference(lim.metric)
                                         for lim, g in zip(self.limits, got, strict=True)}}
+
+    def _pair_terms(self, table: CostTable, options: Mapping[str, Sequence[tuple[int, int]]]) -> list[tuple]:
+        """Return the table's pair terms that some options of two counted layers meet, as milp_solve takes them:
+        (group a, its options' mask, group b, mask, [cost under each limit])."""
+        if "latency" not in self.metrics:
+            return []
+        index = {n: g for g, n in enumerate(options)}
+        out = []
+        for p in table.counted_pairs():
+            if p.first not in index or p.second not in index:
+                continue
+            ma = np.array([choice_key(*c) in p.first_choices for c in options[p.first]])
+            mb = np.array([choice_key(*c) in p.second_choices for c in options[p.second]])
+            if ma.any() and mb.any() and p.ns():
+                out.append((index[p.first], ma, index[p.second], mb,
+                            [p.ns() if lim.metric == "latency" else 0 for lim in self.limits]))
+        return out
 
     def sample(self, table: CostTable, options: Mapping[str, Sequence[tuple[int, int]]], n: int, seed: int
                ) -> list[dict[str, tuple[int, int]]]:
@@ -275,10 +296,13 @@ class Budget:
 
     def check_feasible(self, table: CostTable, options: Mapping[str, Sequence[tuple[int, int]]]) -> None:
         """Raise BudgetError, saying the feasible range, when no choice of the options meets the budget."""
-        for lim in self.limits:
+        pair_terms = self._pair_terms(table, options)
+        for i, lim in enumerate(self.limits):
             ref = table.reference(lim.metric)
             lo = sum(min(table.unit_cost(lim.metric, n, w, a) for w, a in opts) for n, opts in options.items())
             hi = sum(max(table.unit_cost(lim.metric, n, w, a) for w, a in opts) for n, opts in options.items())
+            terms = [t[4][i] for t in pair_terms]
+            lo, hi = lo + sum(min(v, 0) for v in terms), hi + sum(max(v, 0) for v in terms)  # bounds, with pairs
             t = lim.bound(table)
             top = hi if lim.upper_only else hi / (1 - self.tol)
             span = (f"feasible range {lim.show(lo, table)}..{lim.show(top, table)}" if lim.whole else
@@ -292,8 +316,8 @@ class Budget:
                                   f"policy of these candidates; {span}")
         self.solve(table, options, {n: np.zeros(len(o)) for n, o in options.items()})
 
-    def _infeasible(self, table: CostTable, costs: list, windows: list) -> str:
-        if len(self.limits) == 1:  # discrete costs can step over the whole window: name the nearest policies
+    def _infeasible(self, table: CostTable, costs: list, windows: list, pairs: bool = False) -> str:
+        if len(self.limits) == 1 and not pairs:  # discrete costs can step over the whole window: name the nearest policies
             c, (lo, hi) = costs[0], windows[0]
             ref = table.reference(self.limits[0].metric)
             below = mck_solve(c, [x.astype(float) for x in c], 0, lo - 1) if lo > 0 else None
@@ -353,38 +377,53 @@ def mck_solve(costs: list[np.ndarray], values: list[np.ndarray], lo: int, hi: in
     return picks[::-1], cost, exact
 
 
-def milp_solve(costs: list[list[np.ndarray]], values: list[np.ndarray], windows: list[tuple[int, int]]
-               ) -> list[int] | None:
+def milp_solve(costs: list[list[np.ndarray]], values: list[np.ndarray], windows: list[tuple[int, int]],
+               pairs: Sequence[tuple] = ()) -> list[int] | None:
     """Return the option per group maximising the sum of values, every cost <= its hi and at least one >= its lo.
 
-    `costs[i][g]` are the costs of group g's options under limit i. The "at least one" is solved
-    exactly as one integer program per limit (that limit's window both ways, the others' upper bounds),
-    keeping the best; None when none is feasible.
+    `costs[i][g]` are the costs of group g's options under limit i. `pairs` are terms of two groups' choices:
+    (group a, mask over its options, group b, mask, [cost under each limit]) costs that much when a's option is in
+    its mask and b's in its: a variable z = x_a . x_b each (z <= x_a, z <= x_b, z >= x_a + x_b - 1). The "at least
+    one" is solved exactly as one integer program per limit (that limit's window both ways, the others' upper
+    bounds), keeping the best; None when none is feasible.
     """
     sizes = [len(v) for v in values]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
     n = sum(sizes)
-    c = -np.concatenate(values)  # milp minimises
-    one_per_group = np.zeros((len(sizes), n))
-    start = 0
+    nz = len(pairs)
+    c = np.concatenate([-np.concatenate(values), np.zeros(nz)])  # milp minimises
+    one_per_group = np.zeros((len(sizes), n + nz))
     for g, k in enumerate(sizes):
-        one_per_group[g, start:start + k] = 1.0
-        start += k
-    rows = [np.concatenate(ci).astype(np.float64) for ci in costs]
-    scale = [max(float(r.max()), 1.0) for r in rows]  # keep the constraint matrix well conditioned
+        one_per_group[g, starts[g]:starts[g] + k] = 1.0
+    link = np.zeros((3 * nz, n + nz))
+    for t, (ga, ma, gb, mb, _) in enumerate(pairs):
+        xa = np.zeros(n)
+        xa[starts[ga]:starts[ga] + sizes[ga]] = ma
+        xb = np.zeros(n)
+        xb[starts[gb]:starts[gb] + sizes[gb]] = mb
+        link[3 * t, :n], link[3 * t, n + t] = xa, -1.0  # x_a - z >= 0
+        link[3 * t + 1, :n], link[3 * t + 1, n + t] = xb, -1.0  # x_b - z >= 0
+        link[3 * t + 2, :n], link[3 * t + 2, n + t] = xa + xb, -1.0  # x_a + x_b - z <= 1
+    link_lo = np.tile([0.0, 0.0, -np.inf], nz)
+    link_hi = np.tile([np.inf, np.inf, 1.0], nz)
+    rows = [np.concatenate([np.concatenate(ci), [p[4][i] for p in pairs]]).astype(np.float64)
+            for i, ci in enumerate(costs)]
+    scale = [max(float(np.abs(r).max()), 1.0) for r in rows]  # keep the constraint matrix well conditioned
     best, best_val = None, -np.inf
     for i in range(len(rows)):
         cons = [LinearConstraint(one_per_group, 1.0, 1.0)]
+        if nz:
+            cons.append(LinearConstraint(link, link_lo, link_hi))
         for j, (r, (lo, hi)) in enumerate(zip(rows, windows, strict=True)):
             cons.append(LinearConstraint(r / scale[j], (lo if j == i else -np.inf) / scale[j], hi / scale[j]))
-        res = milp(c, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1))
+        res = milp(c, constraints=cons, integrality=np.ones(n + nz), bounds=Bounds(0, 1))
         if res.status != 0 or res.x is None:
             continue
-        x = np.round(res.x).astype(int)
-        picks, start = [], 0
-        for k in sizes:
-            picks.append(int(np.argmax(x[start:start + k])))
-            start += k
-        exact_costs = [sum(int(ci[g][p]) for g, p in enumerate(picks)) for ci in costs]
+        x = np.round(res.x[:n]).astype(int)
+        picks = [int(np.argmax(x[s:s + k])) for s, k in zip(starts, sizes, strict=True)]
+        exact_costs = [sum(int(ci[g][p]) for g, p in enumerate(picks))
+                       + sum(t[4][li] for t in pairs if t[1][picks[t[0]]] and t[3][picks[t[2]]])
+                       for li, ci in enumerate(costs)]
         if not all(cost <= hi for cost, (_, hi) in zip(exact_costs, windows, strict=True)) or \
                 exact_costs[i] < windows[i][0]:
             continue  # scaled rounding put it outside: treat as infeasible for this binding limit

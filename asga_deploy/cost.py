@@ -99,9 +99,37 @@ def choice_key(weight_bits: int, act_bits: int) -> str:
 
 
 @dataclass(frozen=True)
+class PairTerm:
+    """A latency term of two neighbouring layers (lut.model.search_terms): `ms` when `first`'s choice is one of
+    `first_choices` and `second`'s one of `second_choices` (two float neighbours share the layout changes and Q/DQ
+    between them)."""
+
+    first: str
+    second: str
+    first_choices: frozenset[str]
+    second_choices: frozenset[str]
+    ms: float
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> PairTerm:
+        return cls(str(d["first"]), str(d["second"]), frozenset(d["first_choices"]), frozenset(d["second_choices"]),
+                   float(d["ms"]))
+
+    def ns(self) -> int:
+        return round(self.ms * 1e6)
+
+    def applies(self, first: tuple[int, int], second: tuple[int, int]) -> bool:
+        """Return whether the term applies to these two (w, a) choices."""
+        return choice_key(*first) in self.first_choices and choice_key(*second) in self.second_choices
+
+
+@dataclass(frozen=True)
 class CostTable:
     """What each counted layer costs for each choice under each metric, the W8A8 references, and the
     constant part of the model (its other layers at their fixed choices, and for latency the rest of the graph).
+    Latency may have `pairs` (PairTerm): terms of two neighbouring layers' choices. A pair with a fixed layer is
+    part of the other layer's unit cost (or of the constant, both fixed); `counted_pairs` are the ones between two
+    counted layers, which `total` adds and the extraction prices exactly.
 
     `counted` are the layers a budget counts (the searched ones; the first conv and the classifier are
     excluded by the EdMIPS convention, and held at `fixed`). Costs are integers: BitOPs, weight bits for
@@ -113,6 +141,18 @@ class CostTable:
     fixed: Mapping[str, tuple[int, int]] | None = None
     lut: Mapping[str, Mapping[str, float]] | None = None
     rest_ms: float = 0.0
+    pairs: tuple[PairTerm, ...] = ()
+
+    def counted_pairs(self) -> list[PairTerm]:
+        """Return the pair terms between two counted layers."""
+        counted = set(self.counted)
+        return [p for p in self.pairs if p.first in counted and p.second in counted]
+
+    def _fixed_pairs(self, name: str, bits: tuple[int, int]) -> int:
+        """Return the pair terms (ns) of a counted layer's choice with the fixed layers next to it."""
+        fixed = self.fixed or {}
+        return sum(p.ns() for p in self.pairs if (p.first == name and p.second in fixed and p.applies(bits, fixed[p.second]))
+                   or (p.second == name and p.first in fixed and p.applies(fixed[p.first], bits)))
 
     def unit_cost(self, metric: str, name: str, weight_bits, act_bits) -> int:
         """Return one layer's cost of a (w, a) choice in the metric's integer unit (FLOAT: 32 x 32 bits)."""
@@ -124,21 +164,32 @@ class CostTable:
         if metric == "latency":
             if self.lut is None:
                 raise ValueError("a latency cost needs a measured latency table (asga lut)")
-            return round(self.lut[name][choice_key(weight_bits, act_bits)] * 1e6)
+            own = round(self.lut[name][choice_key(weight_bits, act_bits)] * 1e6)
+            return own + self._fixed_pairs(name, (weight_bits, act_bits)) if self.pairs and name in self.counted \
+                else own
         raise ValueError(f"unknown cost metric {metric!r}; known: {', '.join(METRICS)}")
 
     def total(self, metric: str, bits: Mapping[str, tuple[int, int]]) -> int:
-        """Return the cost of the counted layers of a {layer: (w, a)} choice."""
-        return sum(self.unit_cost(metric, n, *bits[n]) for n in self.counted if n in bits)
+        """Return the cost of the counted layers of a {layer: (w, a)} choice (for latency with the pair terms
+        between them)."""
+        own = sum(self.unit_cost(metric, n, *bits[n]) for n in self.counted if n in bits)
+        if metric != "latency" or not self.pairs:
+            return own
+        return own + sum(p.ns() for p in self.counted_pairs() if p.first in bits and p.second in bits
+                         and p.applies(bits[p.first], bits[p.second]))
 
     def constant(self, metric: str) -> int:
         """Return the cost of what no choice changes: the fixed layers, and for latency the rest of the graph."""
         fixed = sum(self.unit_cost(metric, n, *b) for n, b in (self.fixed or {}).items())
-        return fixed + (round(self.rest_ms * 1e6) if metric == "latency" else 0)
+        if metric != "latency":
+            return fixed
+        both = self.fixed or {}
+        return fixed + round(self.rest_ms * 1e6) + sum(p.ns() for p in self.pairs if p.first in both and p.second in both
+                                                       and p.applies(both[p.first], both[p.second]))
 
     def reference(self, metric: str) -> int:
         """Return the cost of W8A8 on every counted layer: the reference of every ratio."""
-        return sum(self.unit_cost(metric, n, 8, 8) for n in self.counted)
+        return self.total(metric, dict.fromkeys(self.counted, (8, 8)))
 
     def ratio(self, metric: str, bits: Mapping[str, tuple[int, int]]) -> float:
         """Return total / reference (0 when nothing is counted)."""

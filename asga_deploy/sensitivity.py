@@ -301,11 +301,11 @@ def deltas(table: dict, kind: str = "ptq") -> dict[str, list[float]]:
     return part
 
 
-def cost_table(table: dict, lut: dict | None = None, rest_ms: float = 0.0) -> CostTable:
+def cost_table(table: dict, lut: dict | None = None, rest_ms: float = 0.0, pairs: tuple = ()) -> CostTable:
     """Return the CostTable a sensitivity table was measured with (its searched layers counted, its edges at
-    the target's highest bits), priced for latency with `lut` (an `asga lut` table) when given."""
+    the target's highest bits), priced for latency with `lut` (an `asga lut` table, with its pair terms) when given."""
     layers = {n: LayerCost(n, c["kind"], int(c["macs"]), int(c["params"]), bool(c["input_signed"]))
               for n, c in table["costs"].items()}
     edges = table.get("edges", [])
     fixed = {n: get_target(table["target"]).highest(layers[n].input_signed) for n in edges} if edges else None
-    return CostTable(layers, tuple(table["layers"]), fixed, lut, rest_ms)
+    return CostTable(layers, tuple(table["layers"]), fixed, lut, rest_ms, tuple(pairs))

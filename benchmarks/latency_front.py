@@ -42,24 +42,34 @@ def lut_path(root: Path, batch: int) -> Path:
 
 
 def run_name(args) -> str:
-    """Return the front's name per batch size (runs without the tie-breaking floor, or with island pricing, apart)."""
-    return f"b{args.batch}{'' if args.lam_floor else '-floor0'}{'-island' if args.float_pricing == 'island' else ''}"
+    """Return the front's name per batch size (runs without the tie-breaking floor, or with another float pricing,
+    apart; the runs before the search priced the side model are the plain names)."""
+    return f"b{args.batch}{'' if args.lam_floor else '-floor0'}{PRICING_NAME[args.float_pricing]}"
+
+
+PRICING_NAME = {"side": "-side", "mixed": "", "island": "-island"}  # front names
+PRICING_TAG = {"side": "-sm", "mixed": "", "island": "-isl"}  # search tags
 
 
 def search_lut(root: Path, args) -> Path:
-    """Return the table the searches price with: the measured one, or (--float-pricing island) a copy whose float
-    entries are the int8 entry + the layer's island step (what a float layer costs between quantized neighbours)
-    instead of the mix of island and float-anchored steps that makes the every-layer-float model come out right."""
+    """Return the table the searches price with. `side` (the package's pricing): the measured table, whose side
+    model the search prices exactly (lut.model.search_terms). The pricing of earlier runs, for comparison: a copy
+    without the side model, so that the search prices additively, with the table's float entries (`mixed`: island
+    and float-anchored steps mixed so that the every-layer-float model comes out right) or with int8 + the layer's
+    island step (`island`: what a float layer costs between quantized neighbours)."""
     path = lut_path(root, args.batch)
-    if args.float_pricing != "island":
+    if args.float_pricing == "side":
         return path
-    out = path.with_name(f"{path.stem}-island.json")
-    if out.exists() and out.stat().st_mtime >= path.stat().st_mtime:  # derived once per measured table
+    out = path.with_name(f"{path.stem}-{args.float_pricing}.json")
+    if out.exists() and out.stat().st_mtime >= path.stat().st_mtime and not any(  # derived once per measured table
+            "float_side_saving" in k for k in json.loads(out.read_text())["kernels"].values()):
         return out
     d = json.loads(path.read_text())
     for n, row in d["layers"].items():
         k = d["kernels"][n]
-        row["float"] = k["int8"] + k["float_island_step"]
+        if args.float_pricing == "island":
+            row["float"] = k["int8"] + k["float_island_step"]
+        k.pop("float_side_saving", None)  # no side model: the additive entries
     atomic_write_json(out, d)
     return out
 
@@ -87,7 +97,7 @@ def search_runs(args) -> list[dict]:
     for size in (None, args.size_mb) if args.size_mb else (None,):
         for b in args.budgets:
             tag = f"asga-b{args.batch}-lat{b:g}" + (f"-size{size:g}" if size else "") + (
-                f"-lf{args.lam_floor:g}" if args.lam_floor else "") + ("-isl" if args.float_pricing == "island" else "")
+                f"-lf{args.lam_floor:g}" if args.lam_floor else "") + PRICING_TAG[args.float_pricing]
             runs.append({"label": tag, "latency": f"{b:g}xw8a8", "size_mb": size})
     return runs
 
@@ -381,8 +391,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lam-floor", type=float, default=0.1, help="the searches' tie-breaking latency pressure")
     ap.add_argument("--size-mb", type=float, default=0.04,
                     help="the size budget searched with each latency budget (0: latency budgets alone)")
-    ap.add_argument("--float-pricing", choices=("mixed", "island"), default="mixed",
-                    help="the searches' float entries: the table's (mixed anchors) or int8 + island step")
+    ap.add_argument("--float-pricing", choices=tuple(PRICING_TAG), default="side",
+                    help="how the searches price float layers: the table's side model (pair terms of float "
+                    "neighbours; the package's pricing), or as earlier runs did, additively: the table's mixed-anchor "
+                    "float entries (`mixed`) or int8 + island step (`island`)")
     ap.add_argument("--uniform", type=lambda s: tuple(int(v) for v in s.split(",")), nargs="+",
                     default=[(8, 8), (4, 8)])
     ap.add_argument("--fallback", type=int, nargs="+", default=[0, 1, 2, 4, 8])

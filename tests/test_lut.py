@@ -5,6 +5,7 @@ policy exported on integer kernels."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 from pathlib import Path
@@ -165,6 +166,66 @@ def test_float_layers_cost_their_core_and_the_sides_that_face_quantized_neighbou
         assert predict_latency(tiny_table, policy) == pytest.approx(world(floats)), floats
     additive = tiny_table.rest_ms + sum(tiny_table.lut[n]["float"] for n in LAYERS)
     assert additive == pytest.approx(WHOLE_FLOAT)  # the anchor mix closes the float model for the search too
+
+
+CHOICES = {"int8": (7, 8), "requant": (4, 4), "float": (32, 32)}
+
+
+def _side_priced(tiny_table, counted, fixed=None) -> CostTable:
+    from asga_deploy.cost import PairTerm
+    from asga_deploy.lut.model import search_terms
+    from asga_deploy.models import create_model
+
+    lut, pairs = search_terms(tiny_table.data)
+    costs = costs_at(create_model("tinynet", 10, 1), (1, 28, 28), "tinynet")
+    return CostTable(costs, counted, fixed, lut, tiny_table.rest_ms, tuple(PairTerm.from_dict(p) for p in pairs))
+
+
+def test_the_search_prices_every_policy_as_the_side_model_does(tiny_table):
+    """The search's cost (entries at the island price + pair terms of neighbours) equals predict_latency for every
+    int8 / requantized / float policy of the chain, with every layer counted and with fixed edge layers."""
+    table = _side_priced(tiny_table, LAYERS)
+    assert table.counted_pairs()  # float neighbours, and a float layer before a requantized one
+    for kinds in itertools.product(CHOICES, repeat=len(LAYERS)):
+        bits = {n: CHOICES[k] for n, k in zip(LAYERS, kinds, strict=True)}
+        policy = _policy({n: None if b == CHOICES["float"] else b for n, b in bits.items()})
+        got = (table.constant("latency") + table.total("latency", bits)) / 1e6
+        assert got == pytest.approx(predict_latency(tiny_table, policy), abs=1e-5), kinds
+    for edge in ("int8", "float"):  # the pairs with a fixed layer move into the counted layer's unit cost
+        fixed = {"conv1": CHOICES[edge], "fc": CHOICES["int8"]}
+        table = _side_priced(tiny_table, ("conv2", "conv3"), fixed)
+        for k2, k3 in itertools.product(CHOICES, repeat=2):
+            bits = {"conv2": CHOICES[k2], "conv3": CHOICES[k3]}
+            policy = _policy({n: None if b == CHOICES["float"] else b for n, b in (fixed | bits).items()})
+            got = (table.constant("latency") + table.total("latency", bits)) / 1e6
+            assert got == pytest.approx(predict_latency(tiny_table, policy), abs=1e-5), (edge, k2, k3)
+
+
+def test_the_extraction_with_pair_terms_equals_brute_force(tiny_table):
+    """Budget.solve with the side model's pair terms (an integer program with their products) finds the best
+    policy under latency bounds, as enumerating every policy does."""
+    import numpy as np
+
+    from asga_deploy.budget import Budget, parse_latency
+
+    table = _side_priced(tiny_table, LAYERS)
+    options = {n: list(CHOICES.values()) for n in LAYERS}
+    rng = np.random.default_rng(0)
+    everything = [dict(zip(LAYERS, c, strict=True)) for c in itertools.product(CHOICES.values(), repeat=len(LAYERS))]
+    whole = [(table.constant("latency") + table.total("latency", b)) / 1e6 for b in everything]
+    for trial in range(6):
+        values = {n: rng.normal(size=3) for n in LAYERS}
+        bound = float(np.quantile(whole, 0.2 + 0.12 * trial))
+        budget = Budget((parse_latency(f"{bound:.6f}ms"),))
+        choice, info = budget.solve(table, options, values)
+        assert info["method"] == "milp"
+
+        def value(b, values=values):
+            return sum(values[n][list(CHOICES.values()).index(b[n])] for n in LAYERS)
+
+        feasible = [b for b in everything if budget.meets(table, b)]
+        assert budget.meets(table, choice) and len(feasible) < len(everything)  # the bound binds
+        assert value(choice) == pytest.approx(max(value(b) for b in feasible)), trial
 
 
 def test_the_file_round_trips_and_feeds_a_cost_table(tiny_table):

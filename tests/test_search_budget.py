@@ -306,3 +306,43 @@ def test_a_latency_policy_the_side_model_prices_over_budget_fails_a_diagnostic(t
     lat = res.metrics["latency"]
     assert lat["side_model_ms"] == 1e3 and "latency_side_model_over_budget" in res.metrics["diagnostics_failed"]
     assert lat["predicted_ms"] <= lat["budget_ms"]  # the search's own price met the budget
+
+
+def test_the_expected_latency_prices_pairs_of_neighbouring_choices():
+    """With pair terms (lut.model.search_terms: two float neighbours, a float layer before a requantized one), the
+    search's expected latency is E[entries] + P(first) P(second) x each term: at a near one-hot softmax it equals
+    the exact cost of the argmax policy for every policy, and the pairs move it."""
+    from asga_deploy.cost import FLOAT, PairTerm, choice_key, layer_costs
+    from asga_deploy.models import create_model
+    from asga_deploy.search.supernet import Supernet
+
+    from .test_search_helpers import SIZE
+
+    torch.manual_seed(0)
+    m = create_model("tinynet", 10, 1)
+    x = batches(1, 16)[0][0]
+    costs = layer_costs(m, (1, SIZE, SIZE), example=x)
+    lut = {n: {choice_key(w, a): 0.1 * (i + 1) + 0.01 * w + 0.02 * (a < 8) for w in (4, 8) for a in (4, 8)}
+           | {"float": 0.5 + 0.1 * i} for i, n in enumerate(costs)}
+    pairs = (PairTerm("conv2", "conv3", frozenset({"float"}), frozenset({"float"}), -0.3),
+             PairTerm("conv2", "conv3", frozenset({"float"}), frozenset({"w4a4", "w8a4"}), 0.07),
+             PairTerm("conv1", "conv2", frozenset({"float"}), frozenset({"float"}), -0.2))  # conv1 is fixed (int8)
+    net = Supernet.build(m, "tinynet", costs, x, (4, 8), (4, 8), "sim", ["conv1", "fc"], num_classes=10,
+                         input_shape=(1, SIZE, SIZE), float_choice=True, lut=lut, pairs=pairs)
+    net.set_temperature(0.001)
+    layers = net.mixed_layers()
+    opts = net.options()
+    seen = set()
+    for combo in itertools.product(*(range(len(opts[n])) for n in layers)):
+        choice = {n: opts[n][k] for n, k in zip(layers, combo, strict=True)}
+        with torch.no_grad():
+            for n, mod in layers.items():
+                w, a = choice[n]
+                mod.alpha_f.copy_(torch.tensor([0.0, 1.0] if choice[n] == FLOAT else [1.0, 0.0]))
+                if choice[n] != FLOAT:
+                    mod.alpha_w.copy_(torch.tensor([float(b == w) for b in mod.w_bits]))
+                    mod.alpha_a.copy_(torch.tensor([float(b == a) for b in mod.a_bits]))
+        assert float(net.expected_cost("latency").detach()) == pytest.approx(net.table.ratio("latency", choice), rel=1e-5)
+        seen.add(net.table.total("latency", choice) - sum(net.table.unit_cost("latency", n, *b)
+                                                           for n, b in choice.items()))
+    assert seen == {0, -300_000, 70_000}  # every pair term was exercised

@@ -1,12 +1,14 @@
 """The latency model: how the measured times combine into a table, and a whole model's predicted latency.
 
-    T(policy) = rest + sum over layers L of entry_L(kernel of L's choice)                       (the search: additive)
+    T(policy) = rest + sum over layers L of entry_L(kernel of L's choice)                  (the additive entries)
     float layer in predict(): int8_L + island step_L - side saving_L x (its sides that face float neighbours)
+    the search (search_terms): the float entry at int8 + island step, plus pair terms of neighbours = predict()
 
 A float layer's cost depends on its neighbours (an island among int8 layers pays the layout changes and Q/DQ on
-both sides, a layer inside a float chain on neither), which an additive table cannot say: the search prices
-with the additive entries, whose float entry mixes both anchors so that the int8 and the every-layer-float
-models come out exact; `predict` (predict_latency, the checks) uses the side model.
+both sides, a layer inside a float chain on neither), which an additive table cannot say: the additive entries
+mix both anchors in the float entry so that the int8 and the every-layer-float models come out exact (what a
+table without the side model prices with); `predict` (predict_latency, the checks) and the search
+(search_terms, pair terms) use the side model.
 
 Each layer's units run in sequences (worker.py): all layers' int8 units one after the other in model order,
 then their requantized units, then their float islands, so that every unit finds the caches as the layers
@@ -200,3 +202,45 @@ def combine(times: dict[str, dict], info: dict) -> dict:
             "overhead_ms": s, "reference_ms": {"w8a8": t["whole|int8"], "float_layers": t["whole|float_layers"],
                                                "fp32_model": t["whole|fp32"]},
             "rest_check": checks}
+
+
+def search_terms(table: Mapping) -> tuple[dict[str, dict[str, float]], list[dict]]:
+    """Return the side model in the form the search and its extraction price exactly: per-layer entries whose float
+    entry is the layer's island price (int8 + its island step), and pair terms on neighbouring layers:
+
+        (a float, b float) for each edge a -> b:    - (saving_a / |successors of a| + saving_b / |predecessors of b|)
+        (a float, b requantized) where b is a's only successor: island_step_requant_a - island_step_a
+
+    so that rest + sum of entries + the pair terms that apply = predict() for every policy (a float layer with
+    several successors that all requantize is priced at its plain island step: predict() says more; the search
+    records both). Tables without the side model (no `float_side_saving`): the additive entries, no pairs."""
+    kernels, successors = table.get("kernels") or {}, table.get("successors") or {}
+    lut = {n: dict(row) for n, row in table["layers"].items()}
+    if not kernels or not all("float_side_saving" in kernels.get(n, {}) for n in lut):
+        return lut, []
+    act_max = table.get("act_max") or {}
+    before = predecessors(successors)
+    for n, row in lut.items():
+        if "float" in row:
+            row["float"] = kernels[n]["int8"] + kernels[n]["float_island_step"]
+
+    def requant(n: str) -> list[str]:
+        return sorted(c for c in lut[n] if kernel_of(c, act_max.get(n, 8)) == "requant")
+
+    pairs = []
+    for a, after in successors.items():
+        if a not in lut or "float" not in lut[a]:
+            continue
+        for b in after:
+            if b not in lut:
+                continue
+            if "float" in lut[b]:
+                ms = -(kernels[a]["float_side_saving"] / len(after)
+                       + kernels[b]["float_side_saving"] / len(before[b]))
+                pairs.append({"first": a, "second": b, "first_choices": ["float"], "second_choices": ["float"],
+                              "ms": ms})
+            if len(after) == 1 and requant(b):
+                ms = kernels[a]["float_island_step_requant"] - kernels[a]["float_island_step"]
+                pairs.append({"first": a, "second": b, "first_choices": ["float"], "second_choices": requant(b),
+                              "ms": ms})
+    return lut, pairs

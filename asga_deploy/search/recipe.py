@@ -262,9 +262,11 @@ class SearchRecipe:
 
     def side_model_latency(self, pol) -> float | None:
         """Return a policy's latency (ms) by its table's side model (lut.predict_latency: a float layer at its island
-        step less the sides it shares with float neighbours), or None without a full `asga lut` table. The search's
-        additive entries cannot see neighbours; on MobileNetV2 they priced 12 scattered float layers at 0.44 of the
-        measured latency, where the side model said 1.14."""
+        step less the sides it shares with float neighbours), or None without a full `asga lut` table. The search
+        prices the side model itself (pair terms) except a float layer with several successors that all requantize
+        (predict_latency uses its island measured before requantized layers there); before the pair terms, its
+        additive entries priced MobileNetV2's 12 scattered float layers at 0.44 of the measured latency, where the
+        side model said 1.14."""
         from ..lut.table import LutError, load_lut, predict_latency
 
         if not self.cfg.lut:
@@ -302,7 +304,8 @@ class SearchRecipe:
         if net.table.lut is not None:  # what the policy is predicted to cost on the measured backend
             lat = [lim for lim in self.limits if lim.metric == "latency"]
             metrics["latency"] = {"predicted_ms": (net.table.constant("latency") + net.table.total("latency", choice)) / 1e6,
-                                  "budget_ms": lat[0].target(net.table) / 1e6 if lat else None, "lut": cfg.lut}
+                                  "budget_ms": lat[0].target(net.table) / 1e6 if lat else None, "lut": cfg.lut,
+                                  "pricing": "side model (pair terms)" if net.table.pairs else "additive"}
         d = self.data
         pol = net.derive_policy(choice, cfg.edge_bits, provenance(
             self.command, dataset=d.name, dataset_fingerprint=d.fingerprint, dataset_info=d.info, seed=cfg.seed,
@@ -320,10 +323,10 @@ class SearchRecipe:
             if side is not None and side > latency["budget_ms"] * (1 + SIDE_MODEL_TOLERANCE):
                 bad.append("latency_side_model_over_budget")
                 side_note = (f"; the table's side model prices the policy at {side:.4g} ms, {side / latency['budget_ms']:.2f}x "
-                             f"its {latency['budget_ms']:.4g} ms budget (the search's additive price: "
-                             f"{latency['predicted_ms']:.4g} ms): its {len(pol.float_layers)} float layers cost more "
-                             "among quantized neighbours than the search's entries say; add a size budget or search "
-                             "without --float-choice")
+                             f"its {latency['budget_ms']:.4g} ms budget (the search's price: "
+                             f"{latency['predicted_ms']:.4g} ms, {latency['pricing']}): its {len(pol.float_layers)} "
+                             "float layers cost more among their neighbours than the search's price says; add a size "
+                             "budget or search without --float-choice")
         metrics["diagnostics_failed"] = bad
         if bad and not cfg.allow_diagnostics:
             raise SearchDiagnosticError(

@@ -11,8 +11,9 @@ import torch
 
 from ..budget import Budget
 from ..checkpoint import load_checkpoint, load_weights
-from ..cost import choice_key, layer_costs
+from ..cost import PairTerm, choice_key, layer_costs
 from ..errors import AsgaError, BudgetError
+from ..lut.model import search_terms
 from ..models import create_model, edge_layers
 from .config import SearchConfig, SearchData
 from .objective import OBJECTIVES, RHO_RULES
@@ -39,14 +40,18 @@ LUT_CHECK_TOLERANCE = 0.15  # a table whose own float checks miss by more cannot
 
 
 def read_lut(path: str, costs: dict, target: str | None = None, float_choice: bool = False,
-             allow: bool = False) -> tuple[dict, float]:
-    """Return (per-layer latency table, rest of the graph in ms) of an `asga lut` file, checked against the model
+             allow: bool = False) -> tuple[dict, float, tuple[PairTerm, ...]]:
+    """Return (per-layer latency table, rest of the graph in ms, pair terms) of an `asga lut` file, priced by its side
+    model where it has one (lut.model.search_terms: a float layer at its island price, pairs of float neighbours
+    sharing what lies between them; the additive entries otherwise), checked against the model
     (and the target it must have been measured for, when given). With float choices, refuse (unless `allow`) a
     table whose own checks (whole models with float layers it was not summed from) miss by more than 15%."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
         lut, rest = d["layers"], float(d["rest_ms"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        lut, pairs = search_terms(d)
+        pairs = tuple(PairTerm.from_dict(p) for p in pairs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise BudgetError(f"--lut {path}: not a latency table of `asga lut` ({str(e)[:120]})") from None
     measured_for = (d.get("key") or {}).get("target") if isinstance(d.get("key"), dict) else None
     if target is not None and measured_for is not None and measured_for != target:
@@ -65,7 +70,7 @@ def read_lut(path: str, costs: dict, target: str | None = None, float_choice: bo
         raise BudgetError(f"--lut {path}: its own check predicts the '{k}' model at {r:.2f} of measured (more than "
                           f"{LUT_CHECK_TOLERANCE:.0%} off): latency budgets with --float-choice would not hold; search "
                           "without --float-choice, or pass --allow-diagnostics to use the table anyway")
-    return lut, rest
+    return lut, rest, pairs
 
 
 def _first_batch(data: SearchData) -> torch.Tensor:
@@ -107,14 +112,14 @@ def prepare(cfg: SearchConfig, data: SearchData) -> tuple[Supernet, dict, Budget
     costs = {n: type(c)(c.name, c.kind, c.macs, c.params, signs[n].input_signed)
              for n, c in layer_costs(model, (data.in_chans, size, size)).items()}
     edges = [] if cfg.search_edges else edge_layers(model)
-    lut, rest_ms = read_lut(cfg.lut, costs, cfg.target, cfg.float_choice, cfg.allow_diagnostics) if cfg.lut \
-        else (None, 0.0)
+    lut, rest_ms, pairs = read_lut(cfg.lut, costs, cfg.target, cfg.float_choice, cfg.allow_diagnostics) if cfg.lut \
+        else (None, 0.0, ())
     if budget is not None and "latency" in budget.metrics and lut is None:
         raise BudgetError("--budget-latency needs --lut TABLE: measure it with `asga lut MODEL --target "
                           f"{cfg.target} --batch-size B`")
     net = Supernet.build(model, cfg.model, costs, calib, cfg.weight_bits, cfg.act_bits, cfg.target, edges,
                          cfg.replace_unsupported, cfg.alpha_init, data.num_classes, (data.in_chans, size, size),
-                         cfg.float_choice, cfg.edge_bits, lut, rest_ms)
+                         cfg.float_choice, cfg.edge_bits, lut, rest_ms, pairs)
     if lut is not None:  # every candidate priced: a table of other choices is named, not a KeyError mid-search
         gaps = [f"{n} {choice_key(*c)}" for n, opts in net.options().items() for c in opts
                 if choice_key(*c) not in lut.get(n, {})]

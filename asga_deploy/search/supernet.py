@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cost import FLOAT, CostTable, LayerCost
+from ..cost import FLOAT, CostTable, LayerCost, choice_key
 from ..errors import PolicyError, UnsupportedTargetError
 from ..models import set_module
 from ..policy import Policy, policy_from_choice
@@ -62,14 +62,14 @@ class Supernet(nn.Module):
 
     def __init__(self, model: nn.Module, model_name: str, costs: dict[str, LayerCost], searched: list[str],
                  edges: list[str], target: str, num_classes: int, input_shape: tuple[int, ...],
-                 edge_bits: str = "8", lut: dict | None = None, rest_ms: float = 0.0):
+                 edge_bits: str = "8", lut: dict | None = None, rest_ms: float = 0.0, pairs: tuple = ()):
         super().__init__()
         self.model = model
         self.model_name, self.costs, self.searched, self.edges = model_name, costs, searched, edges
         self.target, self.num_classes, self.input_shape = target, num_classes, tuple(input_shape)
         tgt = get_target(target)
         fixed = {n: FLOAT if edge_bits == "float" else tgt.highest(costs[n].input_signed) for n in edges}
-        self.table = CostTable(costs, tuple(searched), fixed, lut, rest_ms)
+        self.table = CostTable(costs, tuple(searched), fixed, lut, rest_ms, tuple(pairs))
         self._lat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -77,7 +77,7 @@ class Supernet(nn.Module):
               weight_bits=DEFAULT_BITS, act_bits=DEFAULT_BITS, target: str = "sim", edges: list[str] | None = None,
               replace_unsupported: bool = True, alpha_init: float = 0.01, num_classes: int = 10,
               input_shape: tuple[int, ...] = (), float_choice: bool = False, edge_bits: str = "8",
-              lut: dict | None = None, rest_ms: float = 0.0) -> Supernet:
+              lut: dict | None = None, rest_ms: float = 0.0, pairs: tuple = ()) -> Supernet:
         """Swap every non-edge Conv2d/Linear of model (by module name) for its mixed version (with a gate to
         the float layer when float_choice)."""
         wb, ab = check_bits(weight_bits, "weight"), check_bits(act_bits, "activation")
@@ -101,7 +101,7 @@ class Supernet(nn.Module):
             cls_ = MixedConv2d if isinstance(m, nn.Conv2d) else MixedLinear
             set_module(model, n, cls_.from_float(m, w, a, signed, inputs[n], alpha_init, float_choice))
         return cls(model, model_name, costs, searched, edges, target, num_classes, input_shape, edge_bits, lut,
-                   rest_ms)
+                   rest_ms, pairs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -143,7 +143,8 @@ class Supernet(nn.Module):
         """Return C(alpha) as a ratio of the counted layers' W8A8 cost (differentiable in the logits).
 
         BitOPs and size are bilinear in (w, a), so E[cost] = cost(E[w], E[a]); latency comes from the
-        measured table, E = pw^T M pa; with the float gate, (1 - p_f) E[quantized] + p_f cost(float).
+        measured table, E = pw^T M pa; with the float gate, (1 - p_f) E[quantized] + p_f cost(float); a latency
+        table's pair terms (two neighbouring float layers) add P(first's choice) x P(second's choice) x their cost.
         """
         total = 0.0
         for n, m in self.mixed_layers().items():
@@ -156,7 +157,21 @@ class Supernet(nn.Module):
                 fl = self.table.unit_cost(metric, n, *FLOAT) if m.float_choice else 0.0
             pf = m.prob_float()
             total = total + (1 - pf) * q + pf * fl
+        if metric == "latency":
+            layers = self.mixed_layers()
+            for p in self.table.counted_pairs():
+                total = total + self.prob_of(layers[p.first], p.first_choices) \
+                    * self.prob_of(layers[p.second], p.second_choices) * float(p.ns())
         return total / self.table.reference(metric)
+
+    @staticmethod
+    def prob_of(m, keys: frozenset[str]) -> torch.Tensor:
+        """Return the probability that a mixed layer's choice is one of `keys` (choice keys: "float", "w4a8")."""
+        pw, pa = m.probs()
+        pf = m.prob_float()
+        mask = torch.tensor([[float(choice_key(w, a) in keys) for a in m.a_bits] for w in m.w_bits],
+                            dtype=pw.dtype, device=pw.device)
+        return (1 - pf) * (pw @ mask @ pa) + (pf if "float" in keys else 0.0)
 
     def argmax_choice(self) -> dict[str, tuple[int, int]]:
         """Return {layer: (w, a) or FLOAT} of the largest decision variables."""
