@@ -254,6 +254,9 @@ def test_a_table_written_before_the_requantized_island_entry_predicts_the_same(t
     old.write_text(json.dumps(d))
     policy = _policy({"conv1": (7, 8), "conv2": None, "conv3": (4, 4), "fc": (4, 4)})  # float before requant
     assert predict_latency(load_lut(old), policy) == pytest.approx(predict_latency(tiny_table, policy))
+    from asga_deploy.lut.model import search_terms  # the search reads the raw file: the same pair terms
+
+    assert search_terms(json.loads(old.read_text())) == search_terms(tiny_table.data)
 
 
 def test_a_broken_file_is_a_one_line_lut_error(tmp_path):

@@ -220,6 +220,9 @@ def search_terms(table: Mapping) -> tuple[dict[str, dict[str, float]], list[dict
         return lut, []
     act_max = table.get("act_max") or {}
     before = predecessors(successors)
+    kappa = table.get("transition_share")
+    kernels = {n: k if "float_island_step_requant" in k or kappa is None else  # tables written before that entry
+               {**k, "float_island_step_requant": island_step_requant(k, float(kappa))} for n, k in kernels.items()}
     for n, row in lut.items():
         if "float" in row:
             row["float"] = kernels[n]["int8"] + kernels[n]["float_island_step"]
