@@ -274,9 +274,10 @@ def test_a_latency_table_of_another_target_or_other_choices_is_named_before_work
 
 
 def test_a_latency_policy_the_side_model_prices_over_budget_fails_a_diagnostic(tmp_path, monkeypatch):
-    """The search prices float layers by additive entries; the table's side model (neighbours included) checks the
-    extracted policy: over its latency budget by more than 5% -> diagnostic latency_side_model_over_budget, named
-    with both prices (on MobileNetV2 the additive price was 0.44 of measured, the side model's 1.14)."""
+    """A table without the side model is priced by its additive entries; where the table's side model (neighbours
+    included) prices the extracted policy over its latency budget by more than 5% -> diagnostic
+    latency_side_model_over_budget, named with both prices and the pricing (on MobileNetV2 the additive price was
+    0.44 of measured, the side model's 1.14)."""
     import json
     from types import SimpleNamespace
 
@@ -298,7 +299,7 @@ def test_a_latency_policy_the_side_model_prices_over_budget_fails_a_diagnostic(t
     cfg = SearchConfig(model="tinyresnet", dataset="synthetic", objective="erm", epochs=1,
                        budget_latency="0.5xw8a8", lut=str(path), float_choice=True, search_edges=True)
     with pytest.raises(SearchDiagnosticError, match=r"latency_side_model_over_budget.*side model prices the policy "
-                                                    r"at 1000 ms.*additive price.*add a size budget"):
+                                                    r"at 1000 ms.*search's price: .* ms, additive\).*add a size budget"):
         run_search(cfg, search_data(12, 8), tmp_path / "p", tmp_path / "r")
     assert priced and priced[0].float_layers  # the check ran on the extracted policy, which has float layers
     res = run_search(SearchConfig(**{**cfg.as_dict(), "allow_diagnostics": True}), search_data(12, 8),
