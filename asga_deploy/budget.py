@@ -54,7 +54,7 @@ class Limit:
 
     def whole_reference(self, table: CostTable) -> float:
         """Return the whole model's cost at `of` (W8A8 or float), the fixed layers and rest included."""
-        return table.constant(self.metric) + sum(table.unit_cost(self.metric, n, *_OF[self.of]) for n in table.counted)
+        return table.constant(self.metric) + table.total(self.metric, dict.fromkeys(table.counted, _OF[self.of]))
 
     def bound(self, table: CostTable) -> int:
         """Return the upper bound on the counted layers' cost, in the metric's integer unit."""
