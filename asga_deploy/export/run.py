@@ -62,12 +62,17 @@ def _outputs(cfg: ExportConfig) -> Path:
     return Path(cfg.out_dir) if cfg.out_dir else export_dir(cfg.policy)
 
 
-def ties_hint(p: dict, tol: ParityConfig, all_integer: bool) -> str:
-    """Return what to do when only the accuracy criterion failed on a graph with float layers: their float rounding
-    (ORT's optimized kernels, its literal graph, torch) decides ties at the next quantizer, so a few images can flip
-    either way without a wrong graph (measured: a searched ResNet-20 with a float first stage, 2 of 1,000)."""
+def only_ties_failed(p: dict, tol: ParityConfig, all_integer: bool) -> bool:
+    """Return whether a parity report of a graph with float layers failed on the accuracy criterion alone: their float
+    rounding (ORT's optimized kernels, its literal graph, torch) decides ties at the next quantizer, so a few images
+    can flip either way without a wrong graph (measured: a searched ResNet-20 with a float first stage, 2 of 1,000)."""
     agree = min(p["top1_agreement"], p["comparisons"]["ort_vs_fake_quant"]["top1_agreement"])
-    if all_integer or agree < tol.min_agreement or p.get("accuracy_diff_points", 0.0) <= tol.max_accuracy_diff:
+    return not all_integer and agree >= tol.min_agreement and p.get("accuracy_diff_points", 0.0) > tol.max_accuracy_diff
+
+
+def ties_hint(p: dict, tol: ParityConfig, all_integer: bool) -> str:
+    """Return what to do when only the accuracy criterion failed on a graph with float layers (only_ties_failed)."""
+    if not only_ties_failed(p, tol, all_integer):
         return ""
     flips = round((1.0 - p["comparisons"]["ort_vs_fake_quant"]["top1_agreement"]) * p["images"])
     same = p["comparisons"]["ort_vs_unoptimized"]["identical_fraction"]
@@ -155,6 +160,7 @@ def run_export(cfg: ExportConfig, force: bool = False, callback: Callback | None
     report["parity"]["time_s"] = time.perf_counter() - t0
     if not report["parity"]["passed"]:
         report["status"] = "parity_failed"
+        report["parity"]["only_ties_failed"] = only_ties_failed(report["parity"], cfg.parity, all_integer)
         atomic_write_json(report_path, report)
         p = report["parity"]
         raise ExportError(f"parity off tolerance: top-1 agreement {p['top1_agreement']:.4f} with the integer "

@@ -91,6 +91,13 @@ def island_step_requant(k: Mapping[str, float], kappa: float) -> float:
     return k["float_island_step"] + kappa * (k["transition_alone_requant"] - k["transition_alone"])
 
 
+def complete_kernels(kernels: dict, kappa: float | None) -> dict:
+    """Return the kernels of a format-2 table with `float_island_step_requant` where a table written before that
+    entry lacks it (the same formula as combine())."""
+    return {n: k if "float_side_saving" not in k or "float_island_step_requant" in k or kappa is None else
+            {**k, "float_island_step_requant": island_step_requant(k, float(kappa))} for n, k in kernels.items()}
+
+
 def predict(entries: Mapping[str, Mapping[str, float]], rest_ms: float, edges: list[dict],
             kernels: Mapping[str, str], successors: Mapping[str, list[str]] | None = None) -> float:
     """Return the latency (ms) of {layer: kernel}: rest + each layer's entry.
@@ -220,9 +227,7 @@ def search_terms(table: Mapping) -> tuple[dict[str, dict[str, float]], list[dict
         return lut, []
     act_max = table.get("act_max") or {}
     before = predecessors(successors)
-    kappa = table.get("transition_share")
-    kernels = {n: k if "float_island_step_requant" in k or kappa is None else  # tables written before that entry
-               {**k, "float_island_step_requant": island_step_requant(k, float(kappa))} for n, k in kernels.items()}
+    kernels = complete_kernels(kernels, table.get("transition_share"))  # tables written before that entry
     for n, row in lut.items():
         if "float" in row:
             row["float"] = kernels[n]["int8"] + kernels[n]["float_island_step"]

@@ -85,9 +85,8 @@ def from_dict(d: dict, source: str = "<latency table>") -> LatencyTable:
     try:
         lut = {str(n): {str(k): float(v) for k, v in row.items()} for n, row in d["layers"].items()}
         edges = [{"from": str(e["from"]), "to": str(e["to"]), "ms": float(e["ms"])} for e in d.get("edges", [])]
-        for k in (d.get("kernels") or {}).values():  # format-2 tables written before this entry: the same formula
-            if "float_side_saving" in k and "float_island_step_requant" not in k:
-                k["float_island_step_requant"] = model.island_step_requant(k, float(d["transition_share"]))
+        if d.get("kernels"):  # format-2 tables written before the requantized-island entry: the same formula
+            d["kernels"] = model.complete_kernels(d["kernels"], d.get("transition_share"))
         return LatencyTable(dict(d["key"]), lut, float(d["rest_ms"]), edges, dict(d.get("reference_ms", {})), d,
                             source)
     except (KeyError, TypeError, ValueError, AttributeError) as e:

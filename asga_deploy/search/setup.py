@@ -48,7 +48,7 @@ def read_lut(path: str, costs: dict, target: str | None = None, float_choice: bo
     table whose own checks (whole models with float layers it was not summed from) miss by more than 15%."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
-        lut, rest = d["layers"], float(d["rest_ms"])
+        rest = float(d["rest_ms"])
         lut, pairs = search_terms(d)
         pairs = tuple(PairTerm.from_dict(p) for p in pairs)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

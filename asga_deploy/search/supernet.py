@@ -71,6 +71,7 @@ class Supernet(nn.Module):
         fixed = {n: FLOAT if edge_bits == "float" else tgt.highest(costs[n].input_signed) for n in edges}
         self.table = CostTable(costs, tuple(searched), fixed, lut, rest_ms, tuple(pairs))
         self._lat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[str, frozenset[str]], torch.Tensor] = {}  # prob_of's choice masks
 
     @classmethod
     def build(cls, model: nn.Module, model_name: str, costs: dict[str, LayerCost], calib_x: torch.Tensor,
@@ -147,31 +148,33 @@ class Supernet(nn.Module):
         table's pair terms (two neighbouring float layers) add P(first's choice) x P(second's choice) x their cost.
         """
         total = 0.0
+        probs = {}
         for n, m in self.mixed_layers().items():
+            pf = m.prob_float()
             if metric == "latency":
                 grid, fl = self.latency_grid(n, m)
                 pw, pa = m.probs()
+                probs[n] = (pw, pa, pf)
                 q = pw @ grid @ pa
             else:
                 q = self.table.unit_cost(metric, n, *m.expected_bits())
                 fl = self.table.unit_cost(metric, n, *FLOAT) if m.float_choice else 0.0
-            pf = m.prob_float()
             total = total + (1 - pf) * q + pf * fl
         if metric == "latency":
-            layers = self.mixed_layers()
             for p in self.table.counted_pairs():
-                total = total + self.prob_of(layers[p.first], p.first_choices) \
-                    * self.prob_of(layers[p.second], p.second_choices) * float(p.ns())
+                total = total + self.prob_of(p.first, p.first_choices, *probs[p.first]) \
+                    * self.prob_of(p.second, p.second_choices, *probs[p.second]) * float(p.ns())
         return total / self.table.reference(metric)
 
-    @staticmethod
-    def prob_of(m, keys: frozenset[str]) -> torch.Tensor:
-        """Return the probability that a mixed layer's choice is one of `keys` (choice keys: "float", "w4a8")."""
-        pw, pa = m.probs()
-        pf = m.prob_float()
-        mask = torch.tensor([[float(choice_key(w, a) in keys) for a in m.a_bits] for w in m.w_bits],
-                            dtype=pw.dtype, device=pw.device)
-        return (1 - pf) * (pw @ mask @ pa) + (pf if "float" in keys else 0.0)
+    def prob_of(self, n: str, keys: frozenset[str], pw: torch.Tensor, pa: torch.Tensor, pf: torch.Tensor
+                ) -> torch.Tensor:
+        """Return the probability that layer n's choice is one of `keys` (choice keys: "float", "w4a8"), from its
+        weight, input and float probabilities."""
+        if (n, keys) not in self._masks:
+            m = self.mixed_layers()[n]
+            self._masks[n, keys] = torch.tensor([[float(choice_key(w, a) in keys) for a in m.a_bits]
+                                                 for w in m.w_bits], dtype=pw.dtype, device=pw.device)
+        return (1 - pf) * (pw @ self._masks[n, keys] @ pa) + (pf if "float" in keys else 0.0)
 
     def argmax_choice(self) -> dict[str, tuple[int, int]]:
         """Return {layer: (w, a) or FLOAT} of the largest decision variables."""
