@@ -371,12 +371,43 @@ def test_export_times_a_latency_budgeted_policy_against_its_budget(tiny_table, t
     lb = rep["latency_budget"]
     assert lb["status"] == "measured" and lb["batch"] == 2 and lb["threads"] == 1 and lb["runs"] >= 10
     assert lb["predicted_ms"] == pytest.approx(predicted) and lb["meets_budget"] is True and lb["measured_ms"] > 0
+    st = lb["machine_state"]  # the table's W8A8 model timed again beside it (the fake table's time is 0.6 ms)
+    assert st["w8a8_table_ms"] == tiny_table.reference_ms["w8a8"] and st["w8a8_now_ms"] > 0
+    assert st["ratio"] == pytest.approx(st["w8a8_now_ms"] / st["w8a8_table_ms"])
+    assert st["same_state"] == (abs(st["ratio"] - 1) <= 0.1)
     assert json.loads((tmp_path / "x" / "report.json").read_text())["latency_budget"]["budget_ms"] == 1e3
     gone = copy.deepcopy(pol)  # the table moved away: exported, and the report says why it was not timed
     gone.provenance["metrics"]["latency"]["lut"] = str(tmp_path / "missing.json")
     ppath, cpath, _ = make_checkpoint(tmp_path / "g", "tinynet", 4, 4, "ort", policy=gone)
     rep = run_export(ExportConfig(str(ppath), str(cpath), out_dir=str(tmp_path / "y"), latency_seconds=0.2))
     assert rep["latency_budget"]["status"].startswith("not measured") and "missing.json" in rep["latency_budget"]["status"]
+
+
+def test_export_says_when_the_machine_is_not_in_the_tables_state(tiny_table, tmp_path, monkeypatch):
+    """The table's own W8A8 model is timed beside the export: 1.3x its table time means the machine runs in another
+    state than the table describes, and the CLI says so next to the measured latency (not at 1.0x)."""
+    from typer.testing import CliRunner
+
+    from asga_deploy.cli import app
+
+    from .test_export_helpers import make_checkpoint
+
+    pol = uniform_policy("tinynet", 4, 4, "ort")
+    pol.provenance["metrics"] = {"latency": {"predicted_ms": 1.0, "budget_ms": 1e3, "lut": tiny_table.path}}
+    ppath, cpath, _ = make_checkpoint(tmp_path, "tinynet", 4, 4, "ort", policy=pol)
+    for slow, out in ((1.0, "same"), (1.3, "slow")):
+        def timer(units, batch, cfg, callback=None, sequences=None, slow=slow):
+            assert set(units) == {"exported", "whole|int8"} and batch == 2 and cfg.threads == 1
+            return {"exported": {"median_ms": 0.9, "runs": 10},
+                    "whole|int8": {"median_ms": slow * tiny_table.reference_ms["w8a8"], "runs": 10}}
+
+        monkeypatch.setattr(measure, "median_times", timer)
+        r = CliRunner().invoke(app, ["export", str(ppath), "--checkpoint", str(cpath), "--out", str(tmp_path / out),
+                                     "--parity-images", "32"])
+        assert r.exit_code == 0, r.output
+        st = json.loads((tmp_path / out / "report.json").read_text())["latency_budget"]["machine_state"]
+        assert st["ratio"] == pytest.approx(slow) and st["same_state"] == (slow == 1.0)
+        assert ("machine state" in r.output and "1.30x its table time" in " ".join(r.output.split())) == (slow != 1.0)
 
 
 def test_island_deltas_are_paired_by_round():

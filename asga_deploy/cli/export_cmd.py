@@ -92,6 +92,12 @@ def export(
             budget = "none" if lb["budget_ms"] is None else f"{lb['budget_ms']:.3f} ms"
             rows.append(("latency", f"measured {lb['measured_ms']:.3f} ms (median of {lb['runs']} runs, batch "
                          f"{lb['batch']}), predicted {lb['predicted_ms']:.3f} ms, budget {budget}{verdict}"))
+            st = lb.get("machine_state")
+            if st and not st["same_state"]:
+                rows.append(("machine state", f"the table's W8A8 model runs {st['ratio']:.2f}x its table time "
+                             f"({st['w8a8_now_ms']:.3f} vs {st['w8a8_table_ms']:.3f} ms): this machine is not in the "
+                             "state the table was measured in, so measured vs predicted says little; time again "
+                             "later, or measure the table again (asga lut --force)"))
         else:
             rows.append(("latency", lb["status"]))
     if "tensorrt" in r:

@@ -207,6 +207,20 @@ def plan_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], thread
     return units, info
 
 
+def reference_unit(table: LatencyTable) -> measure.Unit:
+    """Return the whole W8A8 model an ONNX Runtime table was built with (its "whole|int8" graph: the same
+    architecture, input shape and seeded weights), to time the machine's state now against the table's."""
+    from ..models import create_model
+
+    c = table.data["config"]
+    cfg = LutConfig(**{k: v for k, v in c.items() if k in LutConfig.__dataclass_fields__})
+    target, shape = get_target(cfg.target), tuple(int(v) for v in table.key["input_shape"])
+    costs = costs_at(create_model(cfg.model, num_classes=cfg.num_classes, in_chans=shape[0]), shape, cfg.model)
+    pol = make_policy(cfg.model, target.name, costs, kernel_choices(target, costs)["int8"], shape, cfg.num_classes)
+    proto = lowered(cfg.model, pol, shape, cfg.num_classes, cfg.seed)
+    return measure.Unit("whole|int8", proto.SerializeToString(), shape, "float32")
+
+
 def session_entries(target: Target) -> tuple[tuple[str, str], ...]:
     """Return the ONNX Runtime session entries the target's exports set at its highest bits (ort-w8: 8-bit weights
     need session.x64quantprecision on CPUs without VNNI; ort: none)."""

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
-
-from ..export.ort import session
-from ..export.timing import time_session
+from ..errors import AsgaError
+from . import measure
 from .table import LutError, load_lut, predict_latency
+
+STATE_TOL = 0.10  # the table's W8A8 model timed this much slower or faster now: the machine is in another state
 
 
 def budget_latency(model: bytes, recorded: dict, policy, seconds: float = 3.0) -> dict:
     """Return the exported model's measured latency next to the latency budget and prediction a policy records.
 
     `recorded`: the policy's metrics["latency"] ({"predicted_ms", "budget_ms", "lut"}). The model is timed as the
-    table was measured (its batch, input shape and ONNX Runtime threads, the model's own session entries), median
-    of the runs done in `seconds`; the prediction is recomputed from the table when it is still there.
+    table was measured (its batch, input shape, ONNX Runtime threads and session entries, in the table's timing
+    process, alternating rounds, medians), together with the table's own W8A8 model: that one's time now against
+    its time in the table says whether the machine is in the state the table describes (a prediction holds for
+    that state only). The prediction is recomputed from the table when it is still there.
     """
     out = {"budget_ms": recorded.get("budget_ms"), "predicted_ms": recorded.get("predicted_ms"),
            "lut": recorded.get("lut")}
@@ -30,19 +30,28 @@ def budget_latency(model: bytes, recorded: dict, policy, seconds: float = 3.0) -
     if table.key.get("backend") != "onnxruntime":
         out["status"] = f"not measured: the table is for {table.key.get('backend')}; time the engine with asga profile"
         return out
+    from .build import reference_unit
+
     out["predicted_ms"] = predict_latency(table, policy)
     batch, shape, threads = int(table.key["batch"]), tuple(table.key["input_shape"]), int(table.key["threads"])
-    sess = session(model, threads)
-    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-    time_session(sess, x, 5, 1)
-    times: list[float] = []
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(times) < 10:
-        times += time_session(sess, x, 0, 1)
-    measured = float(np.median(times))
-    budget = out["budget_ms"]
-    out.update(measured_ms=measured, runs=len(times), batch=batch, threads=threads,
+    timing = table.data.get("timing", {})
+    units = {"exported": measure.Unit("exported", model, shape, "float32")}
+    then = table.reference_ms.get("w8a8")
+    try:
+        if then:
+            units["whole|int8"] = reference_unit(table)
+    except (AsgaError, KeyError, TypeError) as e:  # a table whose build settings no longer lower: time the model alone
+        out["reference_problem"] = f"the table's W8A8 model could not be rebuilt ({e})"
+    cfg = measure.TimingConfig(rounds=max(5, round(5 * seconds)), target_ms=float(timing.get("target_ms", 5.0)),
+                               threads=threads, session_config=tuple(tuple(e) for e in timing.get("session_config", ())))
+    t = measure.median_times(units, batch, cfg)
+    measured, budget = t["exported"]["median_ms"], out["budget_ms"]
+    out.update(measured_ms=measured, p10_ms=t["exported"].get("p10_ms"), p90_ms=t["exported"].get("p90_ms"),
+               runs=t["exported"]["runs"], rounds=cfg.rounds, batch=batch, threads=threads,
                predicted_error=measured / out["predicted_ms"] - 1.0,
-               meets_budget=None if budget is None else measured <= budget,
-               status="measured")
+               meets_budget=None if budget is None else measured <= budget, status="measured")
+    if "whole|int8" in t:
+        now = t["whole|int8"]["median_ms"]
+        out["machine_state"] = {"w8a8_table_ms": then, "w8a8_now_ms": now, "ratio": now / then,
+                                "same_state": abs(now / then - 1.0) <= STATE_TOL}
     return out
