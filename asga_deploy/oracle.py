@@ -113,6 +113,17 @@ def to_policy(table: dict, choice: dict[str, tuple[int, int]], method: str, **ex
                                   dataset_fingerprint=table.get("dataset_fingerprint"), **extra))
 
 
+def loss_gap_closed(table: dict, kind: str, choice: dict[str, tuple[int, int]], best: dict[str, tuple[int, int]],
+                    references: list[dict[str, tuple[int, int]]]) -> float:
+    """Return the fraction of the oracle's predicted-loss gap between the reference choices (their mean; e.g.
+    random feasible policies) and `best` that `choice` closes: 1 at `best`, 0 at the references' mean, < 0 worse."""
+    ref = sum(predicted(table, c, kind) for c in references) / len(references)
+    gap = ref - predicted(table, best, kind)
+    if not gap > 0:
+        raise AsgaError(f"the {kind} oracle predicts the best choice no better than the references: no gap to close")
+    return (ref - predicted(table, choice, kind)) / gap
+
+
 def per_cost_sensitivity(table: dict, kind: str = "ptq", metric: str = "bitops") -> dict[str, float]:
     """Return per layer the loss change per unit of cost around the reference (share of the W8A8 total).
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from asga_deploy.budget import Budget
+from asga_deploy.errors import AsgaError
 from asga_deploy.models import create_model
 from asga_deploy.oracle import (
+    loss_gap_closed,
     options_of,
     oracle_choice,
     per_cost_sensitivity,
@@ -120,6 +122,21 @@ def test_per_cost_sensitivity_and_rank_agreement():
     assert rank_agreement(s, {"a": (2, 2), "b": (4, 4), "c": (8, 8)}) == pytest.approx(1.0)
     assert rank_agreement(s, {"a": (8, 8), "b": (4, 4), "c": (2, 2)}) == pytest.approx(-1.0)
     assert np.isnan(rank_agreement(s, {n: (4, 4) for n in "abc"}))  # uniform: nothing to rank
+
+
+def test_loss_gap_closed_is_one_at_the_best_and_zero_at_the_references(table):
+    budget = Budget.from_options(bitops=0.25, tol=0.5)
+    best = oracle_choice(table, budget, "ptq", "best")[0]
+    worst = oracle_choice(table, budget, "ptq", "worst")[0]
+    refs = random_choices(table, budget, 20, seed=0)
+    assert loss_gap_closed(table, "ptq", best, best, refs) == pytest.approx(1.0)
+    assert loss_gap_closed(table, "ptq", worst, best, refs) < 0  # worse than a random feasible policy on average
+    assert loss_gap_closed(table, "ptq", worst, best, [worst]) == 0.0
+    mid = loss_gap_closed(table, "ptq", refs[1], best, refs)
+    r, b = np.mean([predicted(table, c) for c in refs]), predicted(table, best)
+    assert mid == pytest.approx((r - predicted(table, refs[1])) / (r - b))
+    with pytest.raises(AsgaError, match="no gap to close"):
+        loss_gap_closed(table, "ptq", best, best, [best])
 
 
 def test_reestimate_bn_replaces_the_running_statistics():

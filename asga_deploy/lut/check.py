@@ -42,8 +42,10 @@ def budget_latency(model: bytes, recorded: dict, policy, seconds: float = 3.0) -
             units["whole|int8"] = reference_unit(table)
     except (AsgaError, KeyError, TypeError) as e:  # a table whose build settings no longer lower: time the model alone
         out["reference_problem"] = f"the table's W8A8 model could not be rebuilt ({e})"
-    cfg = measure.TimingConfig(rounds=max(5, round(5 * seconds)), target_ms=float(timing.get("target_ms", 5.0)),
-                               threads=threads, session_config=tuple(tuple(e) for e in timing.get("session_config", ())))
+    target_ms = float(timing.get("target_ms", 5.0))  # each model runs about this long per round
+    rounds = max(5, int(seconds * 1000 / (len(units) * max(target_ms, out["predicted_ms"]))))
+    cfg = measure.TimingConfig(rounds=rounds, target_ms=target_ms, threads=threads,
+                               session_config=tuple(tuple(e) for e in timing.get("session_config", ())))
     t = measure.median_times(units, batch, cfg)
     measured, budget = t["exported"]["median_ms"], out["budget_ms"]
     out.update(measured_ms=measured, p10_ms=t["exported"].get("p10_ms"), p90_ms=t["exported"].get("p90_ms"),
