@@ -409,6 +409,17 @@ def test_export_says_when_the_machine_is_not_in_the_tables_state(tiny_table, tmp
         assert st["ratio"] == pytest.approx(slow) and st["same_state"] == (slow == 1.0)
         assert ("machine state" in r.output and "1.30x its table time" in " ".join(r.output.split())) == (slow != 1.0)
 
+    def broken(*args, **kwargs):
+        raise measure.MeasureError("the timing process failed (exit 1): boom")
+
+    monkeypatch.setattr(measure, "median_times", broken)  # the export stands; the report says why it was not timed
+    r = CliRunner().invoke(app, ["export", str(ppath), "--checkpoint", str(cpath), "--out", str(tmp_path / "broken"),
+                                 "--parity-images", "32"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "broken" / "model.qdq.onnx").is_file()
+    rep = json.loads((tmp_path / "broken" / "report.json").read_text())["latency_budget"]
+    assert rep["status"].startswith("not measured") and "boom" in rep["status"]
+
 
 def test_island_deltas_are_paired_by_round():
     """Load that drifts between rounds, and a round where only the reference was slow, must not shift the delta of
