@@ -42,6 +42,25 @@ def run(args: list[str]) -> float:
     return time.time() - t0
 
 
+def result(wall: dict, table: dict, pol: dict, report: dict, size_mb: float) -> dict:
+    """Return what the run measured: the table's key and checks, the policy, the export's latency and parity."""
+    lb, size = report["latency_budget"], pol["cost"]["weight_bytes_total"] / 1e6
+    return {"wall_s": wall,
+            "lut": {"key": table["key"], "reference_ms": table["reference_ms"], "rest_check": table.get("rest_check"),
+                    "timing": table.get("timing")},
+            "policy": {"float_layers": pol.get("float_layers"), "cost": pol.get("cost"),
+                       "layers": {n: [v["weight_bits"], v["act_bits"]] for n, v in pol["layers"].items()},
+                       "latency": pol["provenance"]["metrics"].get("latency"),
+                       "diagnostics_failed": pol["provenance"]["metrics"].get("diagnostics_failed")},
+            "export": {"latency_budget": lb, "parity": {k: report["parity"].get(k) for k in (
+                "top1_agreement", "max_abs_logit_diff", "max_output_steps", "bit_identical")},
+                "torch_top1": report["parity"].get("torch_top1"), "onnx_top1": report["parity"].get("onnx_top1"),
+                "ort_integer_kernels": report.get("ort_integer_kernels")},
+            "size_mb_whole": size,
+            "targets_met": {"latency_measured": lb.get("meets_budget"), "size": size <= size_mb,
+                            "in_table_state": (lb.get("machine_state") or {}).get("same_state")}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "latency_budget_search-state")
@@ -72,21 +91,12 @@ def main() -> None:
     atomic_write_json(args.out / "result.json", {
         "benchmark": "latency_budget_search", "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": git_commit(), "command": "python " + " ".join(sys.argv), "machine": machine_info(),
-        "isa": cpu_isa(), "versions": versions(), "wall_s": wall, "float_checkpoint": str(FLOAT),
-        "budgets": {"latency": args.latency, "size_mb": float(args.size_mb)},
-        "lut": {"key": table["key"], "reference_ms": table["reference_ms"], "rest_check": table.get("rest_check"),
-                "timing": table.get("timing")},
-        "policy": {"float_layers": pol.get("float_layers"), "cost": pol.get("cost"),
-                   "latency": pol["provenance"]["metrics"].get("latency"),
-                   "diagnostics_failed": pol["provenance"]["metrics"].get("diagnostics_failed")},
-        "export": {"latency_budget": lb, "parity": {k: report["parity"].get(k) for k in (
-            "top1_agreement", "max_abs_logit_diff", "max_output_steps", "bit_identical")},
-            "torch_top1": report["parity"].get("torch_top1"), "onnx_top1": report["parity"].get("onnx_top1"),
-            "ort_integer_kernels": report.get("ort_integer_kernels")},
-        "size_mb_whole": pol["cost"]["weight_bytes_total"] / 1e6,
-        "targets_met": {"latency_measured": lb.get("meets_budget"),
-                        "size": pol["cost"]["weight_bytes_total"] / 1e6 <= float(args.size_mb),
-                        "in_table_state": (lb.get("machine_state") or {}).get("same_state")}})
+        "versions": versions(),
+        "settings": {"budgets": {"latency": args.latency, "size_mb": float(args.size_mb)}, "isa": cpu_isa(),
+                     "float_checkpoint": str(FLOAT), "allow_diagnostics": False,
+                     "ratio_definition": "measured / predicted latency of the exported policy"},
+        "results": result(wall, table, pol, report, float(args.size_mb)),
+        "ratio": lb["measured_ms"] / lb["predicted_ms"] if lb.get("status") == "measured" else None})
     print(json.dumps({"latency_budget": lb, "size_mb_whole": pol["cost"]["weight_bytes_total"] / 1e6}, indent=1))
 
 
