@@ -30,6 +30,8 @@ from pathlib import Path
 
 from chain import CACHE, log, write_result
 from headroom import BUDGETS, spearman
+from search_quality import agreement as mean_agreement
+from search_quality import bits_of
 
 from asga_deploy.oracle import (
     load_table,
@@ -52,15 +54,10 @@ def measure_seed(base: Path, seed: int, ref: dict, kinds: list[str]) -> dict:
     path = base / f"sensitivity-s{seed}" / "sensitivity.json"
     if path.exists():
         return load_table(path)
-    c = ref["config"]
-    cfg = SensitivityConfig(c["float_checkpoint"], c["dataset"], target=c["target"],
-                            weight_bits=tuple(c["weight_bits"]), act_bits=tuple(c["act_bits"]),
-                            reference=tuple(c["reference"]), images=c["images"], calib_images=c["calib_images"],
-                            bn_images=c["bn_images"], batch_size=c["batch_size"],
-                            finetune_steps=c["finetune_steps"] if "finetune" in kinds else 0,
-                            finetune_warmup=c["finetune_warmup"], finetune_batch=c["finetune_batch"],
-                            finetune_lr=c["finetune_lr"], hessian_samples=c["hessian_samples"] if "hessian" in kinds
-                            else 0, hessian_images=c["hessian_images"], float_choice=c["float_choice"], seed=seed)
+    c = {k: tuple(v) if isinstance(v, list) else v for k, v in ref["config"].items()
+         if k in SensitivityConfig.__dataclass_fields__}
+    cfg = SensitivityConfig(**c | {"seed": seed, "finetune_steps": c["finetune_steps"] if "finetune" in kinds else 0,
+                                   "hessian_samples": c["hessian_samples"] if "hessian" in kinds else 0})
     log(f"oracle seed {seed}: {', '.join(kinds)}")
     t0 = time.perf_counter()
     table = measure(cfg)
@@ -89,7 +86,7 @@ def pearson(x: list[float], y: list[float]) -> float | None:
 
 def agreement(a: dict, b: dict) -> float:
     """Return the fraction of layers two choices give the same (w, a)."""
-    return sum(tuple(a[n]) == tuple(b[n]) for n in a) / len(a)
+    return mean_agreement([a, b])
 
 
 def unresolved_share(tables: list[dict], kind: str, choices: list[dict]) -> tuple[int, float | None]:
@@ -145,8 +142,7 @@ def analyse(tables: dict[int, dict], kind: str, budget, searched: dict[str, list
     for label, cs in searched.items():
         count, share = unresolved_share([tables[s] for s in seeds], kind, cs) if len(seeds) > 1 else (None, None)
         out["searched"][label] = {
-            "seed_agreement": statistics.fmean(agreement(a, b) for a, b in itertools.combinations(cs, 2))
-            if len(cs) > 1 else None,
+            "seed_agreement": mean_agreement(cs),
             "disagreements": count, "disagreements_unresolved_share": share,
             "spearman_vs_mean_oracle": [rank_agreement(mean_sens, c) for c in cs],
             "gap_closed_vs_mean_oracle": [loss_gap_closed(mean_table, kind, c, mean_best, rnd) for c in cs],
@@ -171,10 +167,7 @@ def finetuned_ranking(tables: dict[int, dict], kind: str, mean_table: dict, sett
         return None
     top1 = rec["finetune"][tags[0]]["mean_top1"]
     layers = mean_table["layers"]
-    choices = {}
-    for label in top1:
-        d = json.loads(Path(rec["policies"][label]).read_text())["layers"]
-        choices[label] = {n: (d[n]["weight_bits"], d[n]["act_bits"]) for n in layers}
+    choices = {label: bits_of(rec["policies"][label], layers) for label in top1}
     acc = [top1[k] for k in choices]
 
     def rank(t: dict) -> float | None:
@@ -189,8 +182,7 @@ def searched_policies(base: Path, layers: list[str], budget_tag: str) -> dict[st
     out: dict[str, list[dict]] = {}
     for meta in sorted((base / "policies").glob(f"*-{budget_tag}-s[0-9].meta.json")):
         m = json.loads(meta.read_text())
-        d = json.loads(Path(m["policy"]).read_text())["layers"]
-        out.setdefault(m["tag"], []).append({n: (d[n]["weight_bits"], d[n]["act_bits"]) for n in layers})
+        out.setdefault(m["tag"], []).append(bits_of(m["policy"], layers))
     return out
 
 
@@ -215,8 +207,9 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"the seed-0 table has no {', '.join(missing)} oracle: run benchmarks/headroom.py first")
     tables = {0: ref}
+    k, n = (int(v) for v in args.shard.split("/")) if args.shard else (0, 1)
     for i, seed in enumerate(args.seeds):
-        if args.shard and i % int(args.shard.split("/")[1]) != int(args.shard.split("/")[0]):
+        if i % n != k:
             continue
         path = base / f"sensitivity-s{seed}" / "sensitivity.json"
         if args.report_only and not path.exists():

@@ -130,6 +130,13 @@ def run_lut(cfg: LutConfig, force: bool = False, callback: Callback | None = Non
     return from_dict(data, str(path))
 
 
+def lower_choice(cfg: LutConfig, target: Target, costs: dict, choice: dict, shape: tuple[int, int, int]):
+    """Return the ONNX model `asga export` writes for {layer: (w, a) or None (float)} of the table's model (random
+    weights seeded with cfg.seed): every whole model and variant a table times, and its W8A8 reference again."""
+    pol = make_policy(cfg.model, target.name, costs, choice, shape, cfg.num_classes)
+    return lowered(cfg.model, pol, shape, cfg.num_classes, cfg.seed)
+
+
 def plan_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], threads: int,
              callback: Callback | None = None) -> tuple[dict, dict]:
     """Return (the units to time by key, what the table needs to combine their times)."""
@@ -140,10 +147,8 @@ def plan_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], thread
     graphs, units = {}, {}
     for kernel, choice in kernel_choices(target, costs).items():
         emit(callback, ProgressEvent("info", "lut", message=f"lowering {cfg.model} ({kernel})"))
-        pol = make_policy(cfg.model, target.name, costs, choice, shape, cfg.num_classes)
-        graphs[kernel] = (Graph(lowered(cfg.model, pol, shape, cfg.num_classes, cfg.seed)), choice)
-    every_float = make_policy(cfg.model, target.name, costs, dict.fromkeys(names), shape, cfg.num_classes)
-    all_float = Graph(lowered(cfg.model, every_float, shape, cfg.num_classes, cfg.seed))
+        graphs[kernel] = (Graph(lower_choice(cfg, target, costs, choice, shape)), choice)
+    all_float = Graph(lower_choice(cfg, target, costs, dict.fromkeys(names), shape))
     edges = direct_edges(all_float, names)
     # the int8 (and the 4-bit) model with one layer, or one direct pair, float: what a float island costs in place,
     # next to integer layers with 8-bit or with requantized inputs (ORT's graph around it differs); and the
@@ -157,11 +162,9 @@ def plan_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], thread
                                  "models, each with one layer (or one pair) changed"))
     variants = {}
     for prefix, base, changed, value in plan:
-        pol = make_policy(cfg.model, target.name, costs, {n: value if n in changed else base[n] for n in names},
-                          shape, cfg.num_classes)
         key = f"{prefix}|" + "|".join(changed)
-        variants[key] = measure.Unit(key, lowered(cfg.model, pol, shape, cfg.num_classes, cfg.seed).SerializeToString(),
-                                     shape, "float32")
+        proto = lower_choice(cfg, target, costs, {n: value if n in changed else base[n] for n in names}, shape)
+        variants[key] = measure.Unit(key, proto.SerializeToString(), shape, "float32")
     for n in names:
         for kernel in ("int8", "requant", "float"):
             g = graphs[kernel if kernel != "float" else ("float_even" if graphs["float_even"][1][n] is None
@@ -182,11 +185,9 @@ def plan_ort(cfg: LutConfig, target: Target, shape: tuple[int, int, int], thread
     for share in RANDOM_FLOAT_SHARES:
         picked = sorted(rng.sample(range(len(names)), max(1, round(share * len(names)))))
         floats = [names[i] for i in picked]
-        pol = make_policy(cfg.model, target.name, costs, {n: None if n in floats else hi[n] for n in names},
-                          shape, cfg.num_classes)
         key = "random|" + "|".join(floats)
-        units[key] = measure.Unit(key, lowered(cfg.model, pol, shape, cfg.num_classes, cfg.seed).SerializeToString(),
-                                  shape, "float32")
+        proto = lower_choice(cfg, target, costs, {n: None if n in floats else hi[n] for n in names}, shape)
+        units[key] = measure.Unit(key, proto.SerializeToString(), shape, "float32")
         random_float[key] = share
     for label, proto in (("whole|int8", graphs["int8"][0].proto), ("whole|requant", graphs["requant"][0].proto),
                          ("whole|float_layers", all_float.proto),
@@ -216,8 +217,7 @@ def reference_unit(table: LatencyTable) -> measure.Unit:
     cfg = LutConfig(**{k: v for k, v in c.items() if k in LutConfig.__dataclass_fields__})
     target, shape = get_target(cfg.target), tuple(int(v) for v in table.key["input_shape"])
     costs = costs_at(create_model(cfg.model, num_classes=cfg.num_classes, in_chans=shape[0]), shape, cfg.model)
-    pol = make_policy(cfg.model, target.name, costs, kernel_choices(target, costs)["int8"], shape, cfg.num_classes)
-    proto = lowered(cfg.model, pol, shape, cfg.num_classes, cfg.seed)
+    proto = lower_choice(cfg, target, costs, kernel_choices(target, costs)["int8"], shape)
     return measure.Unit("whole|int8", proto.SerializeToString(), shape, "float32")
 
 
