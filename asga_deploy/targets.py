@@ -57,6 +57,8 @@ class Target:
     runs_engine: bool = False  # `asga export --trt` builds an engine for it
     int32_bias: bool = False  # quantized layers' bias as INT32 behind a DequantizeLinear (QGemm for logits)
     fused_requant: bool = False  # sub-8-bit activations after a conv as Q8 -> DQ -> Clip -> Q -> DQ (fuses)
+    # a requantization between two unsigned grids as one QLinearAdd with 0 (export/requant.py), where exact
+    requant_add: bool = False
     quantized_pooling: bool = False  # Q/DQ after global average pooling (QLinearGlobalAveragePool)
     signed_as_u8: bool = False  # signed activations as UINT8 with zero point 128 (ONNX Runtime's x86 form)
     # a float layer reading a dequantized tensor gets its own per-channel DequantizeLinear (the same values):
@@ -113,12 +115,13 @@ class Target:
 
 
 _ORT = dict(residual_quant="units", integer_kernel_report=True, integer_kernels_required=True, int32_bias=True,
-            fused_requant=True, quantized_pooling=True, signed_as_u8=True, int4_storage=False, guard_float_inputs=True)
+            fused_requant=True, requant_add=True, quantized_pooling=True, signed_as_u8=True, int4_storage=False,
+            guard_float_inputs=True)
 _W7 = tuple(range(2, 8))
 TARGETS: dict[str, Target] = {
     "sim": Target("sim", _ALL, _ALL, _ALL, "fake-quant simulation: any 2..8 bits, no speed promise",
-                  integer_kernel_report=True, int32_bias=True, fused_requant=True, signed_as_u8=True,
-                  guard_float_inputs=True),
+                  integer_kernel_report=True, int32_bias=True, fused_requant=True, requant_add=True,
+                  signed_as_u8=True, guard_float_inputs=True),
     # 8-bit weights overflow the U8S8 kernels of x86 CPUs without VNNI (wrong outputs with default session
     # options); 7-bit weights (|q| <= 63) cannot: 2 * 255 * 63 <= 32767. ORT's quantizer calls it reduce_range.
     "ort": Target("ort", _W7, _ALL, _ALL,

@@ -17,6 +17,7 @@ from ..errors import require
 from ..quant import QuantConv2d, QuantLinear
 from ..targets import pair_saturates, u8_max
 from .ort import session
+from .requant import SUFFIX as REQUANT
 
 # ops that run on integer data in ORT's optimized graph (QDQ node units fused into integer kernels)
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "QGemm",
@@ -64,7 +65,8 @@ def _kernel(ops: list[str]) -> dict:
 def integer_kernels(path: str | Path | bytes, threads: int = 0, keep_optimized: str | Path | None = None) -> dict:
     """Return every Conv/Gemm of a model (and its named residual Adds and poolings) with the kernel ORT runs it on.
 
-    `integer`/`total`/`not_integer` count the quantized layers; `float_layers` lists the others.
+    `integer`/`total`/`not_integer` count the quantized layers; `float_layers` lists the others; `requants` are the
+    requantizations written as Adds (requant.fuse_requant: QLinearAdd when fused; exact either way, only slower).
     """
     onnx = require("onnx", "onnx")
     proto = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
@@ -81,7 +83,7 @@ def integer_kernels(path: str | Path | bytes, threads: int = 0, keep_optimized: 
         after = users.get(tensor, [])
         return bool(after) and all(u.op_type == "QuantizeLinear" or (
             depth > 0 and u.op_type in _PASS and requantized(u.output[0], depth - 1)) for u in after)
-    layers, ops = {}, {}
+    layers, ops, requants = {}, {}, {}
     for node in proto.graph.node:
         if node.op_type in LAYER_OPS:
             weight = plan.get(node.name)
@@ -91,6 +93,8 @@ def integer_kernels(path: str | Path | bytes, threads: int = 0, keep_optimized: 
                     else [n.op_type]
             found = found or [n.op_type for n in _by_name(opt, node.name)]
             layers[node.name] = {"op": node.op_type, "quantized": weight is not None, **_kernel(found)}
+        elif node.op_type == "Add" and node.name.endswith(REQUANT):  # a requantization (requant.fuse_requant)
+            requants[node.name] = {"op": node.op_type, **_kernel([n.op_type for n in _by_name(opt, node.name)])}
         elif node.op_type in NAMED_OPS and not node.name.startswith("/"):  # named by the lowering
             # on a grid both sides (every input from a DequantizeLinear, a QuantizeLinear after it): ORT can run
             # it as a QLinear op; next to a float layer of the policy (a pooling before a float classifier) it
@@ -106,6 +110,7 @@ def integer_kernels(path: str | Path | bytes, threads: int = 0, keep_optimized: 
     return {"layers": layers, "integer": len(quantized) - len(not_int), "total": len(quantized),
             "not_integer": not_int, "float_layers": [n for n, v in layers.items() if not v["quantized"]],
             "ops": ops, "ops_not_integer": [n for n, v in ops.items() if v["quantized"] and not v["integer"]],
+            "requants": requants, "requants_not_integer": [n for n, v in requants.items() if not v["integer"]],
             "optimized_ops": dict(sorted(counts.items()))}
 
 

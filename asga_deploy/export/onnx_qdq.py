@@ -4,7 +4,8 @@ Weights go in as INT8 (or INT4) initializers already on their b-bit grid, per ou
 zero point 0, feeding DequantizeLinear; biases of quantized layers (ONNX Runtime targets) as INT32 codes
 on the accumulator grid s_x s_w behind a DequantizeLinear (a Gemm becomes QGemm only so); activations
 are per-tensor Q/DQ with the training scale and a float Clip in front below 8 bits, after a plain 8-bit
-Q/DQ pair where the producer is a conv or pooling (units.mark_requant). Conv/Gemm nodes are renamed to
+Q/DQ pair where the producer is a conv or pooling (units.mark_requant), as one QLinearAdd where it
+requantizes another unsigned grid and that is exact (requant.fuse_requant). Conv/Gemm nodes are renamed to
 their module names, residual Adds and global poolings to theirs, so that ORT's optimized graph and
 TensorRT's layer names map back to the policy.
 """
@@ -40,6 +41,7 @@ from .graph import (  # noqa: F401
     prune,
     size_report,
 )
+from .requant import fuse_requant
 from .units import mark_requant, quantize_pooling, relax_relu6, share_quantizers
 
 INT4_OPSET = 21
@@ -224,6 +226,8 @@ def lower(model: nn.Module, policy: Policy, cfg: LoweringConfig, input_shape: tu
     if tgt.guard_float_inputs:
         guard_float_inputs(proto, list(policy.float_layers))
     name_ops(proto, m)
+    if tgt.requant_add:
+        fuse_requant(proto)
     if cfg.int4_storage:
         int4_weights(proto, {n: mod.weight_quantizer.bits for n, mod in layers.items()})
     prune(proto)

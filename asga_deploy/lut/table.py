@@ -30,7 +30,8 @@ SCHEMA = "asga-lut/1"
 DEFAULT_DIR = Path("runs") / "lut"
 KEY_FIELDS = ("backend", "backend_version", "isa", "threads", "batch", "input_shape", "model", "num_classes",
               "target", "format")
-FORMAT = 2  # how units are cut and combined; a change invalidates cached tables (2: the float-anchored islands)
+FORMAT = 3  # how units are lowered, cut and combined; a change invalidates cached tables (2: the float-anchored
+# islands; 3: requantizations between two unsigned grids as QLinearAdd)
 
 
 class LutError(AsgaError):

@@ -8,7 +8,7 @@ enters it (the 8-bit codes its producer emits, or the model input) to the tensor
 codes, or the logits):
 
     int8        u8 -> DequantizeLinear -> Conv -> [Relu] -> QuantizeLinear -> u8    (ORT: QLinearConv)
-    requant     u8 -> Clip (or DQ -> Clip -> Q) -> DequantizeLinear -> Conv -> ...  (sub-8-bit activations)
+    requant     u8 -> Clip (or DQ -> Q -> Clip, or QLinearAdd) -> DequantizeLinear -> Conv -> ...  (sub-8-bit)
     float       u8 -> DequantizeLinear -> Conv -> [Relu] -> QuantizeLinear -> u8    (float weights: FP32 Conv)
 
 A float unit is timed as an island between quantized neighbours (its own DQ and Q included); two float layers
@@ -31,6 +31,13 @@ from ..quant import apply_policy, calibrate
 from ..targets import Target
 
 WALK_BACK = ("DequantizeLinear", "Clip")  # ops of a unit's input side (its requantization and dequantization)
+
+
+def _requant(node) -> bool:
+    """Whether a node is a requantization Add (export.requant: QLinearAdd with 0), part of its reader's unit."""
+    from ..export.requant import SUFFIX
+
+    return node.op_type == "Add" and node.name.endswith(SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -123,11 +130,11 @@ class Graph:
         float tensor a float producer hands it directly."""
         t = self.by_name[layer].input[0]
         while (p := self.producer.get(t)) is not None:
-            if p.op_type in WALK_BACK:
+            if p.op_type in WALK_BACK or _requant(p):
                 t = p.input[0]
             elif p.op_type == "QuantizeLinear":
                 src = self.producer.get(p.input[0])
-                if src is not None and src.op_type in WALK_BACK:  # a requantization: Q of a dequantized value
+                if src is not None and (src.op_type in WALK_BACK or _requant(src)):  # a requantization
                     t = p.input[0]
                 elif p.input[0] in self.inputs:
                     return p.input[0]  # the model input: its quantization belongs to the first layer
@@ -181,8 +188,8 @@ class Graph:
             for u in self.consumers.get(todo.pop(), []):
                 if u.name in layers and u.op_type in ("Conv", "Gemm"):
                     out.append(u.name)
-                elif u.op_type in ("Relu", "MaxPool", "QuantizeLinear", "DequantizeLinear", "Clip", "Flatten") and \
-                        u.name not in seen:
+                elif (u.op_type in ("Relu", "MaxPool", "QuantizeLinear", "DequantizeLinear", "Clip", "Flatten")
+                      or _requant(u)) and u.name not in seen:
                     seen.add(u.name)
                     todo.extend(u.output)
         return list(dict.fromkeys(out))
