@@ -26,6 +26,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chain import wait_for_quiet  # noqa: E402
 
+from asga_deploy.export import onnx_qdq  # noqa: E402
 from asga_deploy.export.kernels import integer_kernels  # noqa: E402
 from asga_deploy.export.onnx_qdq import LoweringConfig, lower, prepare_model  # noqa: E402
 from asga_deploy.export.ort import cpu_isa, file_session_config, session  # noqa: E402
@@ -101,13 +103,17 @@ def ort_quantize(fp32: Path, out: Path, batches: list[torch.Tensor], reduce_rang
 
 
 def our_export(float_model: torch.nn.Module, policy: Policy, size: int, path: Path,
-               batches: list[torch.Tensor]) -> dict:
-    """apply_policy (with ORT's deploy quantizers) -> calibrate -> exact QDQ lowering; return the exactness check."""
+               batches: list[torch.Tensor], clip_requant: bool = False) -> dict:
+    """apply_policy (with ORT's deploy quantizers) -> calibrate -> exact QDQ lowering; return the exactness check.
+
+    clip_requant: the lowering before requant.fuse_requant (every requantization as DQ -> Q -> Clip), for the
+    comparison in the same rounds."""
     m = copy.deepcopy(float_model)
     apply_policy(m, policy, validate=False)
     calibrate(m, batches, len(batches))
     ref = prepare_model(m, policy.target)
-    proto, _ = lower(ref, policy, LoweringConfig(policy.target), (3, size, size), {})
+    with mock.patch.object(onnx_qdq, "fuse_requant", (lambda proto: []) if clip_requant else onnx_qdq.fuse_requant):
+        proto, _ = lower(ref, policy, LoweringConfig(policy.target), (3, size, size), {})
     path.write_bytes(proto.SerializeToString())
     k = integer_kernels(path, 1)
     float_ops = set(k["not_integer"]) | set(k["ops_not_integer"])
@@ -174,6 +180,7 @@ def kernels(path: Path) -> dict:
     gemms = {n: v for n, v in k["layers"].items() if v["op"] == "Gemm"}
     ops = k["optimized_ops"]
     return {"convs_integer": sum(v["integer"] for v in convs.values()), "convs": len(convs),
+            "requants_qladd": sum(v["integer"] for v in k["requants"].values()),
             "gemm": "+".join(v["kernel"] for v in gemms.values()) or "absent",
             "pooling": "QLinearGlobalAveragePool" if ops.get("QLinearGlobalAveragePool") else "GlobalAveragePool",
             "not_integer": k["not_integer"], "optimized_ops": ops}
@@ -202,7 +209,8 @@ def main() -> None:
         for key, batch, size in settings:
             batches = calib_batches(size)
             w8a8 = uniform_policy("resnet18", 8, 8, "ort", num_classes=1000, in_chans=3, input_size=size)
-            names = ("fp32", "ort_quantize_static", "ort_quantize_static_reduce_range", "ours_w8a8", "ours_mixed")
+            names = ("fp32", "ort_quantize_static", "ort_quantize_static_reduce_range", "ours_w8a8", "ours_mixed",
+                     "ours_mixed_clip_requant")
             paths = {k: tmp / f"{key}_{k}.onnx" for k in names}
             log(f"{key}: exporting fp32 and ORT quantize_static (default and reduce_range)")
             export_fp32(float_model, size, paths["fp32"])
@@ -210,7 +218,9 @@ def main() -> None:
             ort_quantize(paths["fp32"], paths["ort_quantize_static_reduce_range"], batches, True)
             log(f"{key}: our W8A8 (ort: 7-bit weights) and mixed exports, with their exactness check")
             exact = {"ours_w8a8": our_export(float_model, w8a8, size, paths["ours_w8a8"], batches),
-                     "ours_mixed": our_export(float_model, mixed_policy(w8a8), size, paths["ours_mixed"], batches)}
+                     "ours_mixed": our_export(float_model, mixed_policy(w8a8), size, paths["ours_mixed"], batches),
+                     "ours_mixed_clip_requant": our_export(float_model, mixed_policy(w8a8), size,
+                                                           paths["ours_mixed_clip_requant"], batches, True)}
             x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
             for attempt in range(args.attempts):  # other jobs may start meanwhile: time again if they took CPU
                 loads[key] = wait_for_quiet(args.max_load, args.patience, 30)
@@ -228,12 +238,15 @@ def main() -> None:
                                        "ours_w8a8_vs_ort_quantize_static_reduce_range":
                                            med["ours_w8a8"] / med["ort_quantize_static_reduce_range"],
                                        "ours_mixed_vs_ours_w8a8": med["ours_mixed"] / med["ours_w8a8"],
+                                       "ours_mixed_vs_ours_mixed_clip_requant":
+                                           med["ours_mixed"] / med["ours_mixed_clip_requant"],
                                        "ours_w8a8_vs_fp32": med["ours_w8a8"] / med["fp32"],
                                        "ours_mixed_vs_fp32": med["ours_mixed"] / med["fp32"],
                                        "ort_quantize_static_vs_fp32": med["ort_quantize_static"] / med["fp32"]},
                             "paired_ratios": {f"{a}_vs_{b}": paired(timing, a, b) for a, b in (
                                 ("ours_w8a8", "ort_quantize_static"), ("ours_w8a8", "ort_quantize_static_reduce_range"),
-                                ("ours_mixed", "ours_w8a8"), ("ours_w8a8", "fp32"), ("ours_mixed", "fp32"),
+                                ("ours_mixed", "ours_w8a8"), ("ours_mixed", "ours_mixed_clip_requant"),
+                                ("ours_mixed_clip_requant", "ours_w8a8"), ("ours_w8a8", "fp32"), ("ours_mixed", "fp32"),
                                 ("ort_quantize_static", "fp32"))},
                             "integer_kernels": {k: kernels(paths[k]) for k in names[1:]},
                             "exactness": exact,
@@ -248,6 +261,8 @@ def main() -> None:
                            "calibration": "one batch of random-normal images (2 at 224, 8 at 32), the same for ORT and ours",
                            "ours_w8a8": "uniform_policy('resnet18', 8, 8, 'ort'): 7-bit weights, 8-bit activations",
                            "ours_mixed": f"searched layers cycle (w, a) through {list(MIXED)}; first conv and fc W7A8",
+                           "ours_mixed_clip_requant": "the same mixed model lowered without requant.fuse_requant "
+                                                      "(each requantization DQ -> Q -> Clip, the earlier lowering)",
                            "threads": args.threads, "rounds": args.rounds, "runs_per_round": args.runs,
                            "thread_pool": "ORT's default: a pool per session" if args.per_session_pools
                            else "one global intra-op pool shared by every timed session (lut.measure)",
@@ -267,7 +282,7 @@ def main() -> None:
                   "every_quantized_layer_integer": all(
                       res["integer_kernels"][k]["convs_integer"] == res["integer_kernels"][k]["convs"]
                       and res["integer_kernels"][k]["gemm"] == "QGemm"
-                      for res in results.values() for k in ("ours_w8a8", "ours_mixed")),
+                      for res in results.values() for k in ("ours_w8a8", "ours_mixed", "ours_mixed_clip_requant")),
                   "bit_identical": all(e["bit_identical_to_integer_reference"]
                                        for res in results.values() for e in res["exactness"].values())}}
     atomic_write_json(args.out, report)
