@@ -63,6 +63,11 @@ def exact(s_in: float, s_out: float, bits: int) -> bool:
     return all(np.array_equal(want, qladd_codes(s_in, s_out, 255 - top, fma)) for fma in (True, False))
 
 
+def scalar(v: np.ndarray) -> int:
+    """Return the one integer of a one-element array (a zero point or a Clip bound)."""
+    return int(v.reshape(-1)[0])
+
+
 def fuse_requant(proto) -> list[str]:
     """Rewrite each exact `DQ(UINT8, zero point 0) -> Q -> Clip(0, 2^b - 1) -> DQ -> layers` as a QLinearAdd form (see
     the module docstring); return the names of the Add nodes written (<first reading layer>.requant)."""
@@ -101,23 +106,23 @@ def fuse_requant(proto) -> list[str]:
         za, zb = zero_point(src), zero_point(q)
         lo, hi = (const(clip.input[i]) if len(clip.input) > i else None for i in (1, 2))
         s_in, s_out = const(src.input[1]), const(q.input[1])
-        if any(v is None for v in (za, zb, lo, hi, s_in, s_out)) or za.dtype != np.uint8 or zb.dtype != np.uint8:
+        if any(v is None or v.size != 1 for v in (za, zb, lo, hi, s_in, s_out)) or za.dtype != np.uint8 \
+                or zb.dtype != np.uint8 or scalar(za) != 0 or scalar(zb) != 0 or scalar(lo) != 0:
             continue
-        if int(za) != 0 or int(zb) != 0 or int(lo) != 0 or s_in.size != 1 or s_out.size != 1:
-            continue
-        top = int(hi)
+        top = scalar(hi)
         bits = top.bit_length()
         dqs = readers.get(clip.output[0], [])
         layers = [u for d in dqs for u in readers.get(d.output[0], [])]
         if top != 2**bits - 1 or not dqs or any(d.op_type != "DequantizeLinear" or zero_point(d) is None
-                                                or int(zero_point(d)) != 0 for d in dqs):
+                                                or zero_point(d).size != 1 or scalar(zero_point(d)) != 0
+                                                for d in dqs):
             continue
         codes = [weight_codes(u) if u.op_type in ("Conv", "Gemm") and u.input[0] in {d.output[0] for d in dqs}
                  else None for u in layers]
         if not layers or any(c is None for c in codes) or any(
                 pair_saturates(int(np.abs(c.astype(np.int32)).max()), 8, False) for c in codes):
             continue  # only integer layers, whose u8 x s8 pairs stay within int16 with inputs up to 255
-        if not exact(float(s_in.reshape(())), float(s_out.reshape(())), bits):
+        if not exact(float(s_in.reshape(-1)[0]), float(s_out.reshape(-1)[0]), bits):
             continue
         name = layers[0].name + SUFFIX
         zero_name, out_zp = f"{name}.zero", f"{name}.zero_point"
