@@ -25,6 +25,7 @@ import torch
 
 from ..cost import LayerCost
 from ..errors import require
+from ..export.requant import SUFFIX as REQUANT
 from ..models import create_model
 from ..policy import LayerBits, Policy, compute_cost
 from ..quant import apply_policy, calibrate
@@ -35,9 +36,7 @@ WALK_BACK = ("DequantizeLinear", "Clip")  # ops of a unit's input side (its requ
 
 def _requant(node) -> bool:
     """Whether a node is a requantization Add (export.requant: QLinearAdd with 0), part of its reader's unit."""
-    from ..export.requant import SUFFIX
-
-    return node.op_type == "Add" and node.name.endswith(SUFFIX)
+    return node.op_type == "Add" and node.name.endswith(REQUANT)
 
 
 @dataclass(frozen=True)
