@@ -51,12 +51,14 @@ except ValueError:
 
 
 def test_export_then_profile(tmp_path):
-    p, c, _ = make_checkpoint(tmp_path, "tinyresnet", 8, 8, "ort")
+    p, c, _ = make_checkpoint(tmp_path, "tinyresnet", 4, 4, "ort")
     out = tmp_path / "bundle"
     res = _run("export", p, "--checkpoint", c, "--out", out, "--parity-images", 64)
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["status"] == "ok" and rep["parity"]["images"] == 64 and (out / "model.qdq.onnx").is_file()
+    req = rep["ort_integer_kernels"]["requants"]  # 4-bit inputs read from the residual Adds' 8-bit grids
+    assert req and f"requantizations {len(req)}/{len(req)} on" in " ".join(res.output.split())
     assert rep["config"]["parity"]["images"] == 64 and rep["provenance"]["asga_version"]
     again = _run("export", p, "--checkpoint", c, "--out", out, "--parity-images", 64)
     _one_line_error(again, "exists", "--force")

@@ -83,8 +83,11 @@ def export(
         rows.append(("accuracy", f"torch {p['torch_top1']:.4f}, onnx {p['onnx_top1']:.4f}"))
     if "ort_integer_kernels" in r:
         k = r["ort_integer_kernels"]
+        req = k.get("requants", {})
         rows.append(("ORT integer kernels", f"{k['integer']}/{k['total']} quantized layers"
-                     + (f"; not: {', '.join(k['not_integer'])}" if k["not_integer"] else "")))
+                     + (f"; not: {', '.join(k['not_integer'])}" if k["not_integer"] else "")
+                     + (f"; requantizations {len(req) - len(k['requants_not_integer'])}/{len(req)} on QLinearAdd"
+                        if req else "")))
     if "latency_budget" in r:
         lb = r["latency_budget"]
         if lb.get("status") == "measured":
