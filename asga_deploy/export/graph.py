@@ -15,6 +15,30 @@ def consumers(graph, name: str) -> list:
     return [n for n in graph.node if name in n.input]
 
 
+def readers(graph) -> dict[str, list]:
+    """Return {tensor name: the nodes that read it}."""
+    out: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def constant_reader(graph):
+    """Return a function: tensor name -> its array where it is an initializer or a Constant node's output, else None."""
+    numpy_helper = require("onnx", "onnx").numpy_helper
+    inits = {i.name: i for i in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def const(name: str):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = constants.get(name)
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node is not None else None
+        return None if value is None else numpy_helper.to_array(value)
+    return const
+
+
 def initializer_identities(proto) -> None:
     """Replace torch's Identity(initializer) de-duplication by distinct initializers (one per use)."""
     g = proto.graph
@@ -57,15 +81,7 @@ def guard_float_inputs(proto, float_layers: list[str]) -> list[str]:
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
-
-    def const(name: str):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = producers.get(name)
-        if node is not None and node.op_type == "Constant":
-            return numpy_helper.to_array(next(a.t for a in node.attribute if a.name == "value"))
-        return None
-
+    const = constant_reader(g)
     guarded, floats = [], set(float_layers)
     for node in [n for n in g.node if n.name in floats and n.op_type in ("Conv", "Gemm")]:
         dq = producers.get(node.input[0])

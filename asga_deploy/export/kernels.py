@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import require
 from ..quant import QuantConv2d, QuantLinear
 from ..targets import pair_saturates, u8_max
+from .graph import readers
 from .ort import session
 from .requant import SUFFIX as REQUANT
 
@@ -49,15 +50,6 @@ def _by_name(opt, name: str) -> list:
     return [n for n in opt.graph.node if n.name == name or n.name.startswith(name + "_token")]
 
 
-def _readers(graph) -> dict[str, list]:
-    """Return {tensor name: the nodes that read it}."""
-    out: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
-
-
 def _kernel(ops: list[str]) -> dict:
     return {"kernel": "+".join(sorted(set(ops))) or "absent", "integer": bool(ops) and all(o in INTEGER_OPS for o in ops)}
 
@@ -75,9 +67,9 @@ def integer_kernels(path: str | Path | bytes, threads: int = 0, keep_optimized: 
         out = Path(keep_optimized) if keep_optimized else Path(tmp) / "optimized.onnx"
         session(path, threads, optimized_path=out)
         opt = onnx.load(str(out), load_external_data=False)
-    consumers = _readers(opt.graph)
+    consumers = readers(opt.graph)
     producer = {o: n.op_type for n in proto.graph.node for o in n.output}
-    users = _readers(proto.graph)
+    users = readers(proto.graph)
 
     def requantized(tensor: str, depth: int = 3) -> bool:  # every path reaches a QuantizeLinear (through Relu...)
         after = users.get(tensor, [])

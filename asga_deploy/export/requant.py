@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import require
 from ..targets import pair_saturates
+from .graph import constant_reader, readers
 
 SUFFIX = ".requant"  # the Add nodes this pass writes: <first reading layer>.requant
 
@@ -75,20 +76,9 @@ def fuse_requant(proto) -> list[str]:
     onnx = require("onnx", "onnx")
     numpy_helper, helper = onnx.numpy_helper, onnx.helper
     g = proto.graph
-    inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-
-    def const(name: str) -> np.ndarray | None:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        p = producer.get(name)
-        if p is not None and p.op_type == "Constant" and p.attribute and p.attribute[0].name == "value":
-            return numpy_helper.to_array(p.attribute[0].t)
-        return None
+    reads = readers(g)
+    const = constant_reader(g)
 
     def zero_point(node) -> np.ndarray | None:
         return const(node.input[2]) if len(node.input) > 2 else None
@@ -100,7 +90,7 @@ def fuse_requant(proto) -> list[str]:
     written = []
     for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
         src = producer.get(q.input[0])
-        after = readers.get(q.output[0], [])
+        after = reads.get(q.output[0], [])
         if src is None or src.op_type != "DequantizeLinear" or len(after) != 1 or after[0].op_type != "Clip":
             continue
         clip = after[0]
@@ -112,11 +102,10 @@ def fuse_requant(proto) -> list[str]:
             continue
         top = scalar(hi)
         bits = top.bit_length()
-        dqs = readers.get(clip.output[0], [])
-        layers = [u for d in dqs for u in readers.get(d.output[0], [])]
-        if top != 2**bits - 1 or not dqs or any(d.op_type != "DequantizeLinear" or zero_point(d) is None
-                                                or zero_point(d).size != 1 or scalar(zero_point(d)) != 0
-                                                for d in dqs):
+        dqs = reads.get(clip.output[0], [])
+        layers = [u for d in dqs for u in reads.get(d.output[0], [])]
+        zps = [zero_point(d) if d.op_type == "DequantizeLinear" else None for d in dqs]
+        if top != 2**bits - 1 or not dqs or any(z is None or z.size != 1 or scalar(z) != 0 for z in zps):
             continue
         codes = [weight_codes(u) if u.op_type in ("Conv", "Gemm") and u.input[0] in {d.output[0] for d in dqs}
                  else None for u in layers]
